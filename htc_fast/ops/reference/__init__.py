@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the specification of each op, the test oracle, and the fallback."""

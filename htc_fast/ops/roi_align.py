@@ -1,0 +1,261 @@
+"""RoIAlign (Mask R-CNN, He et al. 2017), single level and FPN multi-level: public API.
+
+Owns argument checking, the backend choice, and what torch needs to know about the compiled
+operators ``htc_fast::roi_align`` / ``htc_fast::multilevel_roi_align`` (fake kernels for
+``torch.compile``, autograd, autocast). The math lives in ``reference/roi_align.py`` (the spec),
+``csrc/roi_align/`` (C++/CUDA) and ``kernels/roi_align.py`` (Triton).
+
+Autocast rule: RoIAlign runs in the dtype of its features (fp32, fp16 and bf16 kernels all
+accumulate in fp32) and never casts them; rois/boxes are geometry and stay float32 (float64 for
+float64 features). The autocast kernels below make that explicit for code that calls the
+operators directly under ``torch.autocast``.
+"""
+import math
+
+import torch
+from torch import Tensor
+
+from htc_fast import _extension
+from htc_fast.ops import _backend
+from htc_fast.ops.reference import roi_align as _ref
+
+__all__ = ["roi_align", "multilevel_roi_align", "map_roi_levels"]
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
+              backend=None):
+    """Average-pooled RoIAlign; a drop-in for ``torchvision.ops.roi_align``.
+
+    Args:
+        input: (N, C, H, W) float32/float64/float16/bfloat16 features, contiguous or channels-last.
+        boxes: (K, 5) float rois ``[batch_index, x1, y1, x2, y2]`` in input-image pixels, or a list
+            of N tensors (L_i, 4) of xyxy boxes, one per image.
+        output_size: int or (out_h, out_w).
+        spatial_scale: features-per-pixel, 1/stride.
+        sampling_ratio: samples per bin side; <= 0 means ``ceil(roi_size / output_size)`` per RoI.
+        aligned: shift rois by -0.5 feature pixels (pixel-centre model); mmcv/mmdet use True.
+        backend: "reference", "cpp" or "triton"; None uses ``use_backend`` / the default table.
+
+    Returns:
+        (K, C, out_h, out_w) in ``input.dtype``, contiguous. Differentiable w.r.t. ``input`` only.
+        A RoI with a non-finite coordinate gives zeros.
+    """
+    out_h, out_w = _pair(output_size, "output_size")
+    rois = _as_rois(boxes, input)
+    _check_features(input, "input")
+    _check_rois(rois, input, input.shape[0])
+    spatial_scale = float(spatial_scale)
+    sampling_ratio = int(sampling_ratio)
+    aligned = bool(aligned)
+    chosen = _backend.resolve("roi_align", input.device.type, backend)
+    if chosen == "reference":
+        return _ref.roi_align(input, rois, spatial_scale, out_h, out_w, sampling_ratio, aligned)
+    op = torch.ops.htc_fast.roi_align if chosen == "cpp" else _triton().roi_align_triton
+    return op(input, rois, spatial_scale, out_h, out_w, sampling_ratio, aligned)
+
+
+def multilevel_roi_align(features, rois, output_size, *, strides=(4, 8, 16, 32), finest_scale=56,
+                         sampling_ratio=0, aligned=True, backend=None):
+    """FPN RoI feature extractor in one call (mmdetection's ``SingleRoIExtractor``).
+
+    Each RoI is pooled from level ``clamp(floor(log2(sqrt(w * h) / finest_scale + 1e-6)), 0, L-1)``
+    (see ``map_roi_levels``) with ``spatial_scale = 1 / strides[level]``. The level is chosen on the
+    device inside the kernel: no per-level Python loop, no host synchronisation.
+
+    Args:
+        features: L tensors (N, C, H_l, W_l) of one dtype and device (e.g. FPN P2..P5).
+        rois: (K, 5) float rois ``[batch_index, x1, y1, x2, y2]`` in image pixels.
+        output_size: int or (out_h, out_w).
+        strides: L level strides in pixels (``len(strides) == len(features)``).
+        finest_scale, sampling_ratio, aligned: as in mmdetection (defaults are HTC's).
+        backend: as in ``roi_align``.
+
+    Returns:
+        (K, C, out_h, out_w) in the features' dtype, rows in the order of ``rois``.
+    """
+    out_h, out_w = _pair(output_size, "output_size")
+    features = list(features)
+    if len(features) == 0:
+        raise ValueError("multilevel_roi_align: features must hold at least one level")
+    if len(strides) != len(features):
+        raise ValueError(f"multilevel_roi_align: got {len(features)} feature levels but "
+                         f"{len(strides)} strides; pass one stride per level")
+    for i, f in enumerate(features):
+        _check_features(f, f"features[{i}]")
+        if f.dtype != features[0].dtype or f.device != features[0].device:
+            raise ValueError(f"multilevel_roi_align: features[{i}] is {f.dtype} on {f.device}, "
+                             f"features[0] is {features[0].dtype} on {features[0].device}")
+        if f.shape[:2] != features[0].shape[:2]:
+            raise ValueError(f"multilevel_roi_align: features[{i}] has (N, C) = {tuple(f.shape[:2])}, "
+                             f"features[0] has {tuple(features[0].shape[:2])}")
+    for s in strides:
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"multilevel_roi_align: strides must be positive, got {tuple(strides)}")
+    if not (finest_scale > 0 and math.isfinite(finest_scale)):
+        raise ValueError(f"multilevel_roi_align: finest_scale must be positive, got {finest_scale}")
+    rois = _as_rois(rois, features[0])
+    _check_rois(rois, features[0], features[0].shape[0])
+    scales = [1.0 / float(s) for s in strides]
+    chosen = _backend.resolve("multilevel_roi_align", features[0].device.type, backend)
+    args = (rois, scales, out_h, out_w, int(sampling_ratio), bool(aligned), float(finest_scale))
+    if chosen == "reference":
+        return _ref.multilevel_roi_align(features, *args)
+    op = (torch.ops.htc_fast.multilevel_roi_align if chosen == "cpp"
+          else _triton().multilevel_roi_align_triton)
+    return op(features, *args)
+
+
+def map_roi_levels(rois, num_levels, finest_scale=56):
+    """The FPN level of each RoI, as mmdetection maps it. (K, 5) float -> (K,) int64."""
+    return _ref.map_roi_levels(rois, num_levels, finest_scale)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _pair(size, name):
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {size}")
+    return size
+
+
+def _check_features(x, name):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _as_rois(boxes, like):
+    """(K, 5) rois from a (K, 5) tensor or a list of per-image (L, 4) boxes; geometry dtype."""
+    if isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"boxes[{i}] must be a Tensor of shape (L, 4), got "
+                                 f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        if len(boxes) == 0:
+            return torch.zeros(0, 5, dtype=_geometry_dtype(like), device=like.device)
+        ids = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device)
+                         for i, b in enumerate(boxes)])
+        boxes = torch.cat([ids, torch.cat(list(boxes))], dim=1)
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"boxes must be a Tensor (K, 5) or a list of Tensors (L, 4), got {type(boxes).__name__}")
+    if boxes.dim() != 2 or boxes.shape[1] != 5:
+        raise ValueError(f"boxes/rois must have shape (K, 5) [batch_index, x1, y1, x2, y2], got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"boxes/rois must be floating point, got {boxes.dtype}")
+    if boxes.device != like.device:
+        raise ValueError(f"boxes/rois are on {boxes.device} but the features are on {like.device}")
+    return boxes.to(_geometry_dtype(like)).contiguous()
+
+
+def _geometry_dtype(features):
+    # Boxes stay fp32 under AMP; fp64 features get fp64 geometry (for gradcheck and oracles).
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _check_rois(rois, features, batch_size):
+    """Batch indices must be integers in [0, N). Costs one host sync on CUDA; skipped when tracing."""
+    if rois.shape[0] == 0 or torch.compiler.is_compiling():
+        return
+    idx = rois[:, 0]
+    bad = (idx < 0) | (idx >= batch_size) | (idx != idx.floor())
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"rois[{first}, 0] = {idx[first].item()} is not a batch index in [0, {batch_size})")
+
+
+def _triton():
+    from htc_fast.kernels import roi_align as triton_roi_align
+
+    return triton_roi_align
+
+
+# ----------------------------------------------------------------- registration of the C++ ops
+
+def _fake_roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+def _fake_roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size,
+                             channels, height, width, sampling_ratio, aligned):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _fake_multilevel(features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio,
+                     aligned, finest_scale):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+
+def _fake_multilevel_backward(grad, rois, spatial_scales, pooled_height, pooled_width, heights, widths,
+                              batch_size, channels, sampling_ratio, aligned, finest_scale):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
+def _setup_roi_align(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
+
+
+def _backward_roi_align(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    scale, ph, pw, n, c, h, w, sampling_ratio, aligned = ctx.args
+    grad_input = torch.ops.htc_fast.roi_align_backward(
+        grad.contiguous(), rois, scale, ph, pw, n, c, h, w, sampling_ratio, aligned)
+    return grad_input, None, None, None, None, None, None
+
+
+def _setup_multilevel(ctx, inputs, output):
+    features, rois, scales, ph, pw, sampling_ratio, aligned, finest_scale = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (scales, ph, pw, [f.shape[2] for f in features], [f.shape[3] for f in features],
+                features[0].shape[0], features[0].shape[1], sampling_ratio, aligned, finest_scale)
+
+
+def _backward_multilevel(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    scales, ph, pw, heights, widths, n, c, sampling_ratio, aligned, finest_scale = ctx.args
+    grads = torch.ops.htc_fast.multilevel_roi_align_backward(
+        grad.contiguous(), rois, scales, ph, pw, heights, widths, n, c, sampling_ratio, aligned,
+        finest_scale)
+    return list(grads), None, None, None, None, None, None, None
+
+
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+
+
+def _autocast_roi_align(input, rois, *args):
+    # The rule (module docstring): features keep their dtype, rois are geometry.
+    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+        return torch.ops.htc_fast.roi_align(input, rois.to(_geometry_dtype(input)), *args)
+
+
+def _autocast_multilevel(features, rois, *args):
+    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+        return torch.ops.htc_fast.multilevel_roi_align(features, rois.to(_geometry_dtype(features[0])),
+                                                       *args)
+
+
+def _register():
+    lib = "htc_fast::"
+    torch.library.register_fake(lib + "roi_align", _fake_roi_align)
+    torch.library.register_fake(lib + "roi_align_backward", _fake_roi_align_backward)
+    torch.library.register_fake(lib + "multilevel_roi_align", _fake_multilevel)
+    torch.library.register_fake(lib + "multilevel_roi_align_backward", _fake_multilevel_backward)
+    torch.library.register_autograd(lib + "roi_align", _backward_roi_align, setup_context=_setup_roi_align)
+    torch.library.register_autograd(lib + "multilevel_roi_align", _backward_multilevel,
+                                    setup_context=_setup_multilevel)
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        _autocast_lib.impl("roi_align", _autocast_roi_align, key)
+        _autocast_lib.impl("multilevel_roi_align", _autocast_multilevel, key)
+
+
+if _extension.loaded:
+    _autocast_lib = torch.library.Library("htc_fast", "IMPL")  # kept alive: dropping it unregisters
+    _register()
