@@ -4,6 +4,8 @@ Importing htc_fast never fails because of _C: the ops fall back to their pure-Py
 (with one warning, from ops/_backend.py) and an explicit ``backend="cpp"`` raises with the reason
 recorded here.
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 __all__ = ["loaded", "load_error", "require", "compiled_cuda_archs", "has_cuda_kernels"]
 
 try:

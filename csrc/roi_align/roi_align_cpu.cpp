@@ -44,28 +44,41 @@ struct AxisTaps {
   }
 };
 
-// Taps of one RoI on its level: ys over out_h bins, xs over out_w bins.
-template <typename T, typename data_t>
-struct RoiTaps {
-  AxisTaps<T> ys, xs;
+// Every sample of every bin of one RoI on its level, as four plane offsets and four bilinear
+// weights (torchvision's "pre_calc"): built once per RoI and channel block, then reused for every
+// channel, so the channel loops do nothing but gather and multiply-add.
+template <typename T>
+struct Sample {
+  int64_t o[4];
+  T w[4];
+};
 
+template <typename T>
+struct RoiSamples {
+  AxisTaps<T> ys, xs;
+  std::vector<Sample<T>> samples;
+  std::vector<int64_t> first;  // the samples of bin (py, px) are [first[b], first[b + 1]), b = py * pw + px
+
+  template <typename data_t>
   void build(const RoiPlan<T>& plan, const Level<data_t, T>& lv, int64_t ph, int64_t pw) {
     ys.build(plan.grid.start_h, plan.grid.bin_h, ph, plan.grid.grid_h, lv.height);
     xs.build(plan.grid.start_w, plan.grid.bin_w, pw, plan.grid.grid_w, lv.width);
-  }
-
-  // Calls f(offsets[4], weights[4]) for every sample of bin (py, px); offsets are relative to a
-  // channel plane. Weight products in torchvision's order, so the values agree bit for bit.
-  template <typename F>
-  void for_each_sample(int64_t py, int64_t px, int64_t stride_h, int64_t stride_w, F&& f) const {
-    for (int64_t a = ys.first[py]; a < ys.first[py + 1]; ++a) {
-      const AxisTap<T>& ty = ys.taps[a];
-      for (int64_t b = xs.first[px]; b < xs.first[px + 1]; ++b) {
-        const AxisTap<T>& tx = xs.taps[b];
-        const int64_t o[4] = {ty.lo * stride_h + tx.lo * stride_w, ty.lo * stride_h + tx.hi * stride_w,
-                              ty.hi * stride_h + tx.lo * stride_w, ty.hi * stride_h + tx.hi * stride_w};
-        const T w[4] = {ty.w_lo * tx.w_lo, ty.w_lo * tx.w_hi, ty.w_hi * tx.w_lo, ty.w_hi * tx.w_hi};
-        f(o, w);
+    samples.clear();
+    first.assign(1, 0);
+    const int64_t sh = lv.stride_h, sw = lv.stride_w;
+    for (int64_t py = 0; py < ph; ++py) {
+      for (int64_t px = 0; px < pw; ++px) {
+        for (int64_t a = ys.first[py]; a < ys.first[py + 1]; ++a) {
+          const AxisTap<T>& ty = ys.taps[a];
+          for (int64_t b = xs.first[px]; b < xs.first[px + 1]; ++b) {
+            const AxisTap<T>& tx = xs.taps[b];
+            // Weight products in torchvision's order, so the values agree bit for bit.
+            samples.push_back(Sample<T>{
+                {ty.lo * sh + tx.lo * sw, ty.lo * sh + tx.hi * sw, ty.hi * sh + tx.lo * sw, ty.hi * sh + tx.hi * sw},
+                {ty.w_lo * tx.w_lo, ty.w_lo * tx.w_hi, ty.w_hi * tx.w_lo, ty.w_hi * tx.w_hi}});
+          }
+        }
+        first.push_back(static_cast<int64_t>(samples.size()));
       }
     }
   }
@@ -78,50 +91,51 @@ void forward_kernel(const Levels<const scalar_t, at::opmath_type<scalar_t>>& lev
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kBlockC = 16;
   const int64_t blocks = (channels + kBlockC - 1) / kBlockC;
+  const int64_t bins = ph * pw;
   at::parallel_for(0, num_rois * blocks, 1, [&](int64_t begin, int64_t end) {
-    RoiTaps<acc_t, const scalar_t> taps;
+    RoiSamples<acc_t> roi;
     acc_t acc[kBlockC];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / blocks;
       const int64_t c0 = (task % blocks) * kBlockC;
       const int64_t nc = std::min(channels - c0, kBlockC);
-      scalar_t* out_k = out + (k * channels + c0) * ph * pw;  // (nc, ph, pw) block of the output
+      scalar_t* out_k = out + (k * channels + c0) * bins;  // the (nc, ph, pw) block of the output
       const RoiPlan<acc_t> plan = plan_roi(rois + 5 * k, levels, ph, pw, sampling_ratio, aligned);
       if (!plan.active) {
-        std::fill(out_k, out_k + nc * ph * pw, scalar_t(0));
+        std::fill(out_k, out_k + nc * bins, scalar_t(0));
         continue;
       }
       const auto& lv = levels.level[plan.level];
-      taps.build(plan, lv, ph, pw);
+      roi.build(plan, lv, ph, pw);
+      const Sample<acc_t>* smp = roi.samples.data();
+      const int64_t* first = roi.first.data();
       const scalar_t* image = lv.data + plan.batch * lv.stride_n + c0 * lv.stride_c;
       const int64_t sc = lv.stride_c;
       const acc_t count = plan.grid.count;
-      if (sc < lv.stride_w) {  // channels-last: the block's channels are next to each other
-        for (int64_t py = 0; py < ph; ++py) {
-          for (int64_t px = 0; px < pw; ++px) {
-            std::fill(acc, acc + nc, acc_t(0));
-            taps.for_each_sample(py, px, lv.stride_h, lv.stride_w, [&](const int64_t* o, const acc_t* w) {
-              for (int64_t j = 0; j < nc; ++j) {
-                const scalar_t* p = image + j * sc;
-                acc[j] += w[0] * acc_t(p[o[0]]) + w[1] * acc_t(p[o[1]]) + w[2] * acc_t(p[o[2]]) +
-                          w[3] * acc_t(p[o[3]]);
-              }
-            });
-            for (int64_t j = 0; j < nc; ++j) out_k[(j * ph + py) * pw + px] = scalar_t(acc[j] / count);
+      if (sc < lv.stride_w) {  // channels-last: the block's channels sit next to each other
+        for (int64_t bin = 0; bin < bins; ++bin) {
+          std::fill(acc, acc + nc, acc_t(0));
+          for (int64_t s = first[bin]; s < first[bin + 1]; ++s) {
+            const Sample<acc_t>& q = smp[s];
+            for (int64_t j = 0; j < nc; ++j) {
+              const scalar_t* p = image + j * sc;
+              acc[j] += q.w[0] * acc_t(p[q.o[0]]) + q.w[1] * acc_t(p[q.o[1]]) +
+                        q.w[2] * acc_t(p[q.o[2]]) + q.w[3] * acc_t(p[q.o[3]]);
+            }
           }
+          for (int64_t j = 0; j < nc; ++j) out_k[j * bins + bin] = scalar_t(acc[j] / count);
         }
       } else {
         for (int64_t j = 0; j < nc; ++j) {
           const scalar_t* p = image + j * sc;
-          for (int64_t py = 0; py < ph; ++py) {
-            for (int64_t px = 0; px < pw; ++px) {
-              acc_t sum = 0;
-              taps.for_each_sample(py, px, lv.stride_h, lv.stride_w, [&](const int64_t* o, const acc_t* w) {
-                sum += w[0] * acc_t(p[o[0]]) + w[1] * acc_t(p[o[1]]) + w[2] * acc_t(p[o[2]]) +
-                       w[3] * acc_t(p[o[3]]);
-              });
-              out_k[(j * ph + py) * pw + px] = scalar_t(sum / count);
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            acc_t sum = 0;
+            for (int64_t s = first[bin]; s < first[bin + 1]; ++s) {
+              const Sample<acc_t>& q = smp[s];
+              sum += q.w[0] * acc_t(p[q.o[0]]) + q.w[1] * acc_t(p[q.o[1]]) + q.w[2] * acc_t(p[q.o[2]]) +
+                     q.w[3] * acc_t(p[q.o[3]]);
             }
+            out_k[j * bins + bin] = scalar_t(sum / count);
           }
         }
       }
@@ -136,23 +150,23 @@ void backward_kernel(const Levels<at::opmath_type<scalar_t>, at::opmath_type<sca
                      int64_t num_rois, int64_t channels, int64_t ph, int64_t pw,
                      int64_t sampling_ratio, bool aligned) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bins = ph * pw;
   at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
-    RoiTaps<acc_t, acc_t> taps;
+    RoiSamples<acc_t> roi;
     for (int64_t k = 0; k < num_rois; ++k) {
       const RoiPlan<acc_t> plan = plan_roi(rois + 5 * k, grads, ph, pw, sampling_ratio, aligned);
       if (!plan.active) continue;
       const auto& lv = grads.level[plan.level];
-      taps.build(plan, lv, ph, pw);
+      roi.build(plan, lv, ph, pw);
       const acc_t count = plan.grid.count;
       for (int64_t c = c_begin; c < c_end; ++c) {
         acc_t* plane = lv.data + plan.batch * lv.stride_n + c * lv.stride_c;
-        const scalar_t* g = grad_out + (k * channels + c) * ph * pw;
-        for (int64_t py = 0; py < ph; ++py) {
-          for (int64_t px = 0; px < pw; ++px) {
-            const acc_t gv = acc_t(g[py * pw + px]);
-            taps.for_each_sample(py, px, lv.stride_h, lv.stride_w, [&](const int64_t* o, const acc_t* w) {
-              for (int t = 0; t < 4; ++t) plane[o[t]] += gv * w[t] / count;
-            });
+        const scalar_t* g = grad_out + (k * channels + c) * bins;
+        for (int64_t bin = 0; bin < bins; ++bin) {
+          const acc_t gv = acc_t(g[bin]);
+          for (int64_t s = roi.first[bin]; s < roi.first[bin + 1]; ++s) {
+            const Sample<acc_t>& q = roi.samples[s];
+            for (int t = 0; t < 4; ++t) plane[q.o[t]] += gv * q.w[t] / count;
           }
         }
       }
