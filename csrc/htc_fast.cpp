@@ -24,6 +24,11 @@ TORCH_LIBRARY_FRAGMENT(htc_fast, m) {
   m.def("multilevel_roi_align_backward(Tensor grad, Tensor rois, float[] spatial_scales, "
         "int pooled_height, int pooled_width, int[] heights, int[] widths, int batch_size, "
         "int channels, int sampling_ratio, bool aligned, float finest_scale) -> Tensor[]");
+
+  // NMS (csrc/nms/). boxes: (N, 4) xyxy; returns the kept indices (int64) by descending score.
+  m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
+  // Exactly `nms` run separately for each value of idxs, merged by descending score.
+  m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
 }
 
 #ifndef HTC_FAST_WITH_CUDA

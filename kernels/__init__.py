@@ -17,4 +17,8 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     unavailable_reason = f"{type(exc).__name__}: {exc}"
 
 if available:
-    from htc_fast.kernels import roi_align  # noqa: F401,E402
+    try:  # a kernel module that fails to import disables the backend with the reason, no crash
+        from htc_fast.kernels import roi_align  # noqa: F401,E402
+    except Exception as exc:  # pragma: no cover - depends on the triton version
+        available = False
+        unavailable_reason = f"htc_fast.kernels failed to import: {type(exc).__name__}: {exc}"

@@ -160,12 +160,12 @@ HTC_HD int roi_level(const T* box, T finest_scale, int num_levels) {
   return lvl > static_cast<T>(num_levels - 1) ? num_levels - 1 : static_cast<int>(lvl);
 }
 
-// Batch index of a RoI, or -1 when it is not an integer in [0, batch_size).
+// Batch index of a RoI: truncated toward zero like torchvision's `int(rois[k][0])`, or -1 when
+// that is not in [0, batch_size) (or the value is NaN), so no kernel reads outside the features.
 template <typename T>
 HTC_HD int64_t roi_batch(T b, int64_t batch_size) {
-  if (!(b >= T(0) && b < static_cast<T>(batch_size))) return -1;
-  const int64_t i = static_cast<int64_t>(b);
-  return static_cast<T>(i) == b ? i : -1;
+  if (!(b > T(-1) && b < static_cast<T>(batch_size))) return -1;
+  return static_cast<int64_t>(b);
 }
 
 // Everything a kernel needs to know about RoI k before it touches features.

@@ -28,6 +28,11 @@ DEFAULT_BACKENDS = {
     # benchmarks/bench_roi_align.py::test_multilevel_*: one launch vs a per-level loop
     ("multilevel_roi_align", "cpu"): "cpp",
     ("multilevel_roi_align", "cuda"): "cpp",
+    # benchmarks/bench_nms.py: cpp vs torchvision nms / batched_nms
+    ("nms", "cpu"): "cpp",
+    ("nms", "cuda"): "cpp",
+    ("batched_nms", "cpu"): "cpp",
+    ("batched_nms", "cuda"): "cpp",
 }
 
 _override = contextvars.ContextVar("htc_fast_backend_override", default=None)
@@ -37,6 +42,9 @@ _warned = set()
 @contextlib.contextmanager
 def use_backend(backend, ops=None):
     """Run the enclosed code with `backend` as the default for `ops` (all ops if None).
+
+    Call it outside ``torch.compile``d code (dynamo cannot trace a ContextVar.set); inside, pass
+    ``backend=`` to the op instead.
 
     Example::
 

@@ -41,8 +41,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
         A RoI with a non-finite coordinate gives zeros.
     """
     out_h, out_w = _pair(output_size, "output_size")
-    rois = _as_rois(boxes, input)
     _check_features(input, "input")
+    rois = _as_rois(boxes, input)
     _check_rois(rois, input, input.shape[0])
     spatial_scale = float(spatial_scale)
     sampling_ratio = int(sampling_ratio)

@@ -77,10 +77,11 @@ def _roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling
     n, c, h, w = input.shape
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     k = rois.shape[0]
-    if k == 0 or h == 0 or w == 0:
+    if k == 0 or c == 0 or h == 0 or w == 0:  # nothing to compute, or no pixels to read
         return _zeros_in_graph(input, (k, c, pooled_height, pooled_width))
     rois = rois.to(acc)
     idx, x1, y1, x2, y2 = rois.unbind(1)
+    idx = torch.trunc(idx)  # b = int(rois[k, 0]), as the kernels convert it
     valid = torch.isfinite(rois).all(1) & (idx >= 0) & (idx < n)
     batch = torch.where(valid, idx, 0).long()
 
@@ -245,7 +246,7 @@ def _axis_weights(start, bin_size, grid, pooled, size):
     # This operation order is the specification's (torchvision's): start + p*bin + (i+.5)*bin/grid.
     y = base.flatten()[seg] + (i.to(acc) + 0.5) * bin_size[roi] / grid[roi].to(acc)
 
-    ok = (y >= -1.0) & (y < size)  # False for NaN
+    ok = (y >= -1.0) & (y <= size)  # False for NaN
     y = torch.where(ok, y, 0.0).clamp(min=0.0)
     low = y.long()  # y >= 0: truncation is floor
     at_edge = low >= size - 1

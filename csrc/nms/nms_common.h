@@ -1,0 +1,54 @@
+// NMS arithmetic shared by nms_cpu.cpp and nms_cuda.cu (HTC_HD functions).
+//
+// Semantics (torchvision's nms, which mmcv and detectron2 share): boxes are xyxy with no +1,
+// IoU = inter / (area_a + area_b - inter), and box j is suppressed by a kept box i when
+// IoU > threshold (strict). A zero union gives NaN, and NaN > threshold is false: degenerate boxes
+// never suppress. Computed in at::opmath_type (fp32 for fp16/bf16/fp32 boxes, fp64 for fp64).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/host_device.h"
+
+namespace htc_fast {
+namespace nms {
+
+template <typename T>
+struct Box {
+  T x1, y1, x2, y2;
+};
+
+template <typename T>
+HTC_HD T box_area(const Box<T>& b) {
+  return (b.x2 - b.x1) * (b.y2 - b.y1);
+}
+
+// torchvision compares the IoU, a T, with the threshold as a double: for T = float, iou > 0.3 is
+// true for iou = 0.3f (0.3f rounds up). The largest T not above the double threshold makes the
+// same decision with a T comparison (x > t  <=>  x > round_down(t) for every T x, NaN included),
+// which keeps the kernels' inner loops in T.
+template <typename T>
+inline T threshold_as(double t) {
+  T f = static_cast<T>(t);
+  if (static_cast<double>(f) > t) f = std::nextafter(f, -std::numeric_limits<T>::infinity());
+  return f;
+}
+
+// True when box b (area area_b) overlaps box a (area area_a) by more than `threshold` (from
+// threshold_as); the operations and their order are torchvision's, so decisions agree bit for bit.
+template <typename T>
+HTC_HD bool suppresses(const Box<T>& a, T area_a, const Box<T>& b, T area_b, T threshold) {
+  const T xx1 = a.x1 > b.x1 ? a.x1 : b.x1;
+  const T yy1 = a.y1 > b.y1 ? a.y1 : b.y1;
+  const T xx2 = a.x2 < b.x2 ? a.x2 : b.x2;
+  const T yy2 = a.y2 < b.y2 ? a.y2 : b.y2;
+  const T w = xx2 - xx1 > T(0) ? xx2 - xx1 : T(0);
+  const T h = yy2 - yy1 > T(0) ? yy2 - yy1 : T(0);
+  const T inter = w * h;
+  return inter / (area_a + area_b - inter) > threshold;
+}
+
+}  // namespace nms
+}  // namespace htc_fast

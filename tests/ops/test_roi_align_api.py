@@ -1,0 +1,219 @@
+"""RoIAlign's public API around the math: argument errors, backend selection, autocast.
+
+Numerical parity lives in test_roi_align.py and test_multilevel_roi_align.py.
+"""
+import importlib
+import warnings
+
+import pytest
+import torch
+import torchvision
+from tests.support import TOL, require_backend
+from tests.ops.naive_roi_align import random_rois
+
+from htc_fast import _extension, ops
+from htc_fast.ops import _backend
+
+# htc_fast.ops.roi_align is also the name of the function that htc_fast.ops re-exports.
+roi_align_module = importlib.import_module("htc_fast.ops.roi_align")
+
+
+def inputs(device="cpu", n=2, c=3, h=8, w=9, k=4):
+    return torch.randn(n, c, h, w, device=device), random_rois(k, n, h, w, 0.5, device=device)
+
+
+# ------------------------------------------------------------------------------ argument errors
+
+@pytest.mark.parametrize("case, error, message", [
+    ("input_3d", ValueError, "input must be 4-D"),
+    ("input_int", TypeError, "input must be a floating-point"),
+    ("input_not_tensor", TypeError, "input must be a Tensor"),
+    ("rois_k4", ValueError, r"boxes/rois must have shape \(K, 5\)"),
+    ("rois_int", TypeError, "boxes/rois must be floating point"),
+    ("batch_too_big", ValueError, r"rois\[1, 0\] = 2.0 is not a batch index in \[0, 2\)"),
+    ("batch_negative", ValueError, r"rois\[1, 0\] = -1.0 is not a batch index"),
+    ("batch_fractional", ValueError, r"rois\[1, 0\] = 0.5 is not a batch index"),
+    ("batch_nan", ValueError, r"rois\[1, 0\] = nan is not a batch index"),
+    ("box_list_shape", ValueError, r"boxes\[1\] must be a Tensor of shape \(L, 4\)"),
+    ("output_size_zero", ValueError, "output_size must be a positive int"),
+    ("output_size_triple", ValueError, "output_size must be a positive int or a pair"),
+    ("backend_name", ValueError, "backend must be one of"),
+])
+def test_roi_align_argument_errors(case, error, message):
+    x, rois = inputs()
+    kwargs = dict(output_size=2, spatial_scale=0.5)
+    if case == "input_3d":
+        x = x[0]
+    elif case == "input_int":
+        x = x.long()
+    elif case == "input_not_tensor":
+        x = x.tolist()
+    elif case == "rois_k4":
+        rois = rois[:, 1:]
+    elif case == "rois_int":
+        rois = rois.long()
+    elif case.startswith("batch_"):
+        rois[1, 0] = {"batch_too_big": 2.0, "batch_negative": -1.0, "batch_fractional": 0.5,
+                      "batch_nan": float("nan")}[case]
+    elif case == "box_list_shape":
+        rois = [rois[:2, 1:], rois[2:]]
+    elif case == "output_size_zero":
+        kwargs["output_size"] = 0
+    elif case == "output_size_triple":
+        kwargs["output_size"] = (2, 2, 2)
+    elif case == "backend_name":
+        kwargs["backend"] = "cuda"
+    with pytest.raises(error, match=message):
+        ops.roi_align(x, rois, **kwargs)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("dtype_mismatch", ValueError, r"features\[1\] is torch.float64"),
+    ("channels_mismatch", ValueError, r"features\[1\] has \(N, C\)"),
+    ("strides_length", ValueError, "got 2 feature levels but 3 strides"),
+    ("no_levels", ValueError, "features must hold at least one level"),
+    ("int_features", TypeError, r"features\[0\] must be a floating-point"),
+    ("bad_stride", ValueError, "strides must be positive"),
+    ("bad_finest_scale", ValueError, "finest_scale must be positive"),
+    ("rois_shape", ValueError, r"boxes/rois must have shape \(K, 5\)"),
+])
+def test_multilevel_argument_errors(case, error, message):
+    feats = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    rois = random_rois(4, 2, 64, 64, 1.0)
+    kwargs = dict(strides=(4, 8))
+    if case == "dtype_mismatch":
+        feats[1] = feats[1].double()
+    elif case == "channels_mismatch":
+        feats[1] = feats[1][:, :2]
+    elif case == "strides_length":
+        kwargs["strides"] = (4, 8, 16)
+    elif case == "no_levels":
+        feats, kwargs["strides"] = [], ()
+    elif case == "int_features":
+        feats = [f.int() for f in feats]
+    elif case == "bad_stride":
+        kwargs["strides"] = (4, 0)
+    elif case == "bad_finest_scale":
+        kwargs["finest_scale"] = -56
+    elif case == "rois_shape":
+        rois = rois[:, :4]
+    with pytest.raises(error, match=message):
+        ops.multilevel_roi_align(feats, rois, 7, **kwargs)
+
+
+@pytest.mark.cuda
+def test_rois_on_another_device():
+    x, rois = inputs("cuda")
+    with pytest.raises(ValueError, match="boxes/rois are on cpu but the features are on cuda"):
+        ops.roi_align(x, rois.cpu(), 2, 0.5)
+    with pytest.raises(ValueError, match="boxes/rois are on cpu"):
+        ops.multilevel_roi_align([x], rois.cpu(), 2, strides=(2,))
+
+
+# ------------------------------------------------------------------------------ backend choice
+
+def test_default_table_is_complete():
+    for op in ("roi_align", "multilevel_roi_align"):
+        for device_type in ("cpu", "cuda"):
+            assert _backend.DEFAULT_BACKENDS[(op, device_type)] in _backend.BACKENDS
+            assert _backend.default_backend(op, device_type) == _backend.DEFAULT_BACKENDS[(op, device_type)]
+    assert _backend.default_backend("roi_align", "mps") == "reference"
+    assert ops.DEFAULT_BACKENDS is _backend.DEFAULT_BACKENDS
+
+
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """Counts calls into the reference implementation made through the public API."""
+    calls = []
+    real = roi_align_module._ref.roi_align
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(roi_align_module._ref, "roi_align", spy)
+    return calls
+
+
+def test_use_backend_context(reference_calls):
+    require_backend("cpp", "cpu")
+    x, rois = inputs()
+    with ops.use_backend("reference"):
+        ops.roi_align(x, rois, 2, 0.5)
+        assert len(reference_calls) == 1
+        ops.roi_align(x, rois, 2, 0.5, backend="cpp")  # an explicit argument beats the context
+        assert len(reference_calls) == 1
+        with ops.use_backend("cpp", ops="roi_align"):  # innermost context wins
+            ops.roi_align(x, rois, 2, 0.5)
+        with ops.use_backend("cpp", ops=["multilevel_roi_align"]):  # does not cover roi_align
+            ops.roi_align(x, rois, 2, 0.5)
+        assert len(reference_calls) == 2
+        assert _backend.resolve("multilevel_roi_align", "cpu") == "reference"
+    ops.roi_align(x, rois, 2, 0.5)  # back to the table (cpp on CPU)
+    assert len(reference_calls) == 2
+    with pytest.raises(ValueError, match="use_backend: backend must be one of"):
+        with ops.use_backend("fast"):
+            pass
+
+
+def test_unavailable_explicit_backend_raises(monkeypatch):
+    x, rois = inputs()
+    monkeypatch.setattr(_extension, "loaded", False)
+    monkeypatch.setattr(_extension, "load_error", "ImportError: no _C in this test")
+    with pytest.raises(RuntimeError, match="backend 'cpp' is unavailable on cpu.*no _C in this test"):
+        ops.roi_align(x, rois, 2, 0.5, backend="cpp")
+    with pytest.raises(RuntimeError, match="backend 'cpp' is unavailable"):
+        with ops.use_backend("cpp"):
+            ops.multilevel_roi_align([x], rois, 2, strides=(2,))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    require_backend("triton", "cpu")
+    x, rois = inputs()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
+        ops.roi_align(x, rois, 2, 0.5, backend="triton")
+
+
+def test_unavailable_default_falls_back_with_one_warning(monkeypatch, reference_calls):
+    x, rois = inputs()
+    monkeypatch.setattr(_extension, "loaded", False)
+    monkeypatch.setattr(_extension, "load_error", "ImportError: fallback test")
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="default backend 'cpp' is unavailable") as record:
+        first = ops.roi_align(x, rois, 2, 0.5)
+        second = ops.roi_align(x, rois, 2, 0.5)
+    assert len([w for w in record if "fallback test" in str(w.message)]) == 1
+    assert len(reference_calls) == 2
+    torch.testing.assert_close(first, second)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no more warnings for the same reason
+        ops.roi_align(x, rois, 2, 0.5)
+
+
+# ------------------------------------------------------------------------------ autocast
+
+def test_autocast_keeps_the_feature_dtype(backend, device):
+    """Under autocast, RoIAlign runs in its features' dtype; fp32 rois go with bf16 features."""
+    x, rois = inputs(device.type, k=3)
+    x16 = x.bfloat16()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y32 = ops.roi_align(x, rois, 2, 0.5, 0, True, backend=backend)
+        y16 = ops.roi_align(x16, rois, 2, 0.5, 0, True, backend=backend)
+        yml = ops.multilevel_roi_align([x16], rois, 2, strides=(2,), backend=backend)
+    assert (y32.dtype, y16.dtype, yml.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+    torch.testing.assert_close(y32, torchvision.ops.roi_align(x, rois, 2, 0.5, 0, True), **TOL[torch.float32])
+    expected16 = torchvision.ops.roi_align(x16.float(), rois, 2, 0.5, 0, True).bfloat16()
+    torch.testing.assert_close(y16, expected16, **TOL[torch.bfloat16])
+
+
+def test_autocast_operator_casts_rois_to_geometry_dtype():
+    """The compiled operators' autocast kernels: features untouched, rois become float32."""
+    require_backend("cpp", "cpu")
+    x, rois = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.htc_fast.roi_align(x.bfloat16(), rois.bfloat16(), 0.5, 2, 2, 0, True)
+        y32 = torch.ops.htc_fast.roi_align(x, rois.double(), 0.5, 2, 2, 0, True)
+        yml = torch.ops.htc_fast.multilevel_roi_align([x.bfloat16()], rois.bfloat16(), [0.5], 2, 2, 0,
+                                                      True, 56.0)
+    assert (y.dtype, y32.dtype, yml.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
