@@ -105,7 +105,9 @@ def extension_modules():
         with_cuda = bool(cuda_home) and torch_has_cuda
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cxx_flags = ["-O3"]  # torch adds the -std it was built with (C++20 for 2.14)
+    # torch adds the -std it was built with (C++20 for 2.14). No FMA contraction: NMS decisions
+    # must match a reference computed without it, bit for bit (csrc/common/hd_math.h).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx_flags}

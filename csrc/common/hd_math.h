@@ -34,5 +34,19 @@ HTC_HD bool isfinite(T x) {
   return (x - x) == (x - x);
 }
 
+// A product that the compiler may not fuse with a neighbouring add into an FMA. Where a result
+// must agree bit for bit with a reference computed without FMAs (NMS decisions at the threshold),
+// nvcc's default contraction (-fmad=true) would round differently; __fmul_rn is never contracted.
+// (Host code is compiled with -ffp-contract=off, setup.py.)
+#if defined(__CUDA_ARCH__)
+HTC_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+HTC_HD double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#else
+template <typename T>
+HTC_HD T mul_rn(T a, T b) {
+  return a * b;
+}
+#endif
+
 }  // namespace hd
 }  // namespace htc_fast

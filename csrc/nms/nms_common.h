@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/hd_math.h"
 #include "common/host_device.h"
 
 namespace htc_fast {
@@ -22,7 +23,7 @@ struct Box {
 
 template <typename T>
 HTC_HD T box_area(const Box<T>& b) {
-  return (b.x2 - b.x1) * (b.y2 - b.y1);
+  return hd::mul_rn(b.x2 - b.x1, b.y2 - b.y1);
 }
 
 // torchvision compares the IoU, a T, with the threshold as a double: for T = float, iou > 0.3 is
@@ -46,7 +47,7 @@ HTC_HD bool suppresses(const Box<T>& a, T area_a, const Box<T>& b, T area_b, T t
   const T yy2 = a.y2 < b.y2 ? a.y2 : b.y2;
   const T w = xx2 - xx1 > T(0) ? xx2 - xx1 : T(0);
   const T h = yy2 - yy1 > T(0) ? yy2 - yy1 : T(0);
-  const T inter = w * h;
+  const T inter = hd::mul_rn(w, h);  // never fused into the subtraction below (see hd_math.h)
   return inter / (area_a + area_b - inter) > threshold;
 }
 
