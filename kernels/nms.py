@@ -51,6 +51,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from htc_fast.kernels._math import div_rn
+
 from htc_fast.ops.reference.nms import _threshold_as
 
 __all__ = ["nms_triton", "batched_nms_triton"]
@@ -58,16 +60,6 @@ __all__ = ["nms_triton", "batched_nms_triton"]
 BITS = 64      # columns per mask word
 BLOCK_R = 32   # mask rows per program
 BLOCK_W = 32   # removed-words updated per step of the reduction
-
-
-@triton.jit
-def _div(a, b):
-    """IEEE-rounded a / b in the dtype of a (tl.div_rn only exists for fp32)."""
-    if a.dtype == tl.float32:
-        q = tl.div_rn(a, b)
-    else:
-        q = a / b
-    return q
 
 
 @triton.jit
@@ -116,7 +108,7 @@ def _nms_mask_kernel(boxes_ptr, seg_start_ptr, seg_end_ptr, mask_ptr, n, words, 
         dw = xx2 - xx1
         dh = yy2 - yy1
         inter = tl.where(dw > 0.0, dw, zero) * tl.where(dh > 0.0, dh, zero)
-        iou = _div(inter, area_a + area_b - inter)
+        iou = div_rn(inter, area_a + area_b - inter)
         hit = valid & (iou > tl.full([], thr_arg, T))  # thr_arg is a T value: exact cast
         one = tl.full([BLOCK_R, 64], 1, tl.int64)
         bits = tl.reduce(tl.where(hit, one << bit[None, :], 0), 1, _or)

@@ -43,29 +43,13 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from htc_fast.kernels._math import div_rn, sqrt_rn
+from htc_fast.ops.roi_align import register_multilevel_autograd, register_roi_align_autograd
+
 __all__ = ["roi_align_triton", "roi_align_backward_triton", "multilevel_roi_align_triton",
            "multilevel_roi_align_backward_triton", "MAX_LEVELS"]
 
 MAX_LEVELS = 5  # feature levels one launch handles (the kernel takes one argument group per level)
-
-
-@triton.jit
-def _div(a, b):
-    """IEEE-rounded a / b in the dtype of a (tl.div_rn only exists for fp32)."""
-    if a.dtype == tl.float32:
-        q = tl.div_rn(a, b)
-    else:
-        q = a / b
-    return q
-
-
-@triton.jit
-def _sqrt(a):
-    if a.dtype == tl.float32:
-        r = tl.sqrt_rn(a)
-    else:
-        r = tl.sqrt(a)
-    return r
 
 
 @triton.jit
@@ -82,7 +66,7 @@ def _finite(x):
 def _sample_range(base, bin_size, grid, limit):
     """[lo, hi) of the sample indices i whose coordinate base + (i + .5) * bin_size / grid can lie
     in [-1, limit]; a conservative superset, clamped to [0, grid). All inputs are T scalars."""
-    step = _div(bin_size, tl.maximum(grid, 1.0))  # grid == 0: no samples, hi is clamped to 0 below
+    step = div_rn(bin_size, tl.maximum(grid, 1.0))  # grid == 0: no samples, hi is clamped to 0 below
     full = step == 0.0  # every sample at the same coordinate: test them all (grid = sampling_ratio)
     empty = ~(_finite(base) & (step == step))  # no sample can be inside
     base = tl.where(empty, 0.0, base)
@@ -91,10 +75,10 @@ def _sample_range(base, bin_size, grid, limit):
         eps = 1.2e-7
     else:
         eps = 2.3e-16
-    a = tl.minimum(tl.maximum(_div(-1.0 - base, step) - 0.5, -2.0), grid + 2.0)
-    b = tl.minimum(tl.maximum(_div(limit - base, step) - 0.5, -2.0), grid + 2.0)
+    a = tl.minimum(tl.maximum(div_rn(-1.0 - base, step) - 0.5, -2.0), grid + 2.0)
+    b = tl.minimum(tl.maximum(div_rn(limit - base, step) - 0.5, -2.0), grid + 2.0)
     # Rounding of the coordinate (relative to its magnitude) can move it by more than one index.
-    slack = tl.minimum(2.0 + _div(4.0 * eps * (tl.abs(base) + limit + 1.0), tl.abs(step)), grid + 2.0)
+    slack = tl.minimum(2.0 + div_rn(4.0 * eps * (tl.abs(base) + limit + 1.0), tl.abs(step)), grid + 2.0)
     lo = tl.maximum(tl.floor(tl.minimum(a, b)) - slack, 0.0)
     hi = tl.minimum(tl.ceil(tl.maximum(a, b)) + slack + 1.0, grid)
     lo = tl.where(full | empty, 0.0, lo)
@@ -156,7 +140,7 @@ def _roi_align_kernel(
     if MULTILEVEL:
         area = (x2 - x1) * (y2 - y1)
         ok = ok & (area >= 0.0)  # log2 of a negative area is NaN (mmdetection matches no level)
-        t = _div(_sqrt(tl.where(ok, area, zero)), tl.full([], finest_scale, T)) + tl.full([], 1e-6, T)
+        t = div_rn(sqrt_rn(tl.where(ok, area, zero)), tl.full([], finest_scale, T)) + tl.full([], 1e-6, T)
         thr = tl.full([], 2.0, T)
         for _ in tl.static_range(1, NUM_LEVELS):
             lvl += (t >= thr).to(tl.int32)
@@ -188,8 +172,8 @@ def _roi_align_kernel(
     if not ALIGNED:
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
-    bin_w = _div(roi_w, tl.full([], PW, T))
-    bin_h = _div(roi_h, tl.full([], PH, T))
+    bin_w = div_rn(roi_w, tl.full([], PW, T))
+    bin_h = div_rn(roi_h, tl.full([], PH, T))
     sr = tl.full([], sampling_ratio, T)
     grid_h = tl.where(sampling_ratio > 0, sr, tl.ceil(bin_h))
     grid_w = tl.where(sampling_ratio > 0, sr, tl.ceil(bin_w))
@@ -206,10 +190,10 @@ def _roi_align_kernel(
     io_off = k * io_sk + c * io_sc + py * io_sh + px * io_sw
     fc = f + b * sn + c * sc  # per-channel base pointers into image b of the level
     if BACKWARD:
-        g = _div(tl.load(io_ptr + io_off, mask=cmask, other=0.0).to(T), tl.zeros([BLOCK_C], T) + count)
+        g = div_rn(tl.load(io_ptr + io_off, mask=cmask, other=0.0).to(T), tl.zeros([BLOCK_C], T) + count)
     acc = tl.zeros([BLOCK_C], T)
     for iy in range(y_lo_i, y_hi_i):
-        y = base_y + _div((iy + 0.5) * bin_h, grid_h)
+        y = base_y + div_rn((iy + 0.5) * bin_h, grid_h)
         in_y = (y >= -1.0) & (y <= Hf)
         y = tl.where(in_y, tl.maximum(y, 0.0), zero)
         yl = y.to(tl.int32)
@@ -221,7 +205,7 @@ def _roi_align_kernel(
         row_l = yl.to(tl.int64) * sh
         row_h = yh.to(tl.int64) * sh
         for ix in range(x_lo_i, x_hi_i):
-            x = base_x + _div((ix + 0.5) * bin_w, grid_w)
+            x = base_x + div_rn((ix + 0.5) * bin_w, grid_w)
             in_x = (x >= -1.0) & (x <= Wf)
             x = tl.where(in_x, tl.maximum(x, 0.0), zero)
             xl = x.to(tl.int32)
@@ -249,7 +233,7 @@ def _roi_align_kernel(
                 v4 = tl.load(fc + row_h + col_h, mask=m, other=0.0).to(T)
                 acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
     if not BACKWARD:
-        out = _div(acc, tl.zeros([BLOCK_C], T) + count)
+        out = div_rn(acc, tl.zeros([BLOCK_C], T) + count)
         tl.store(io_ptr + io_off, out.to(io_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -376,33 +360,9 @@ def multilevel_roi_align_backward_triton(grad: Tensor, rois: Tensor, spatial_sca
 
 # ------------------------------------------------------------------------------------- autograd
 
-def _setup_roi_align(ctx, inputs, output):
-    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(rois)
-    ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
-
-
-def _backward_roi_align(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    grad_input = roi_align_backward_triton(grad, rois, *ctx.args)
-    return grad_input, None, None, None, None, None, None
-
-
-def _setup_multilevel(ctx, inputs, output):
-    features, rois, scales, ph, pw, sampling_ratio, aligned, finest_scale = inputs
-    ctx.save_for_backward(rois)
-    ctx.args = (scales, ph, pw, [f.shape[2] for f in features], [f.shape[3] for f in features],
-                features[0].shape[0], features[0].shape[1], sampling_ratio, aligned, finest_scale)
-
-
-def _backward_multilevel(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    grads = multilevel_roi_align_backward_triton(grad, rois, *ctx.args)
-    return list(grads), None, None, None, None, None, None, None
-
-
-roi_align_triton.register_autograd(_backward_roi_align, setup_context=_setup_roi_align)
-multilevel_roi_align_triton.register_autograd(_backward_multilevel, setup_context=_setup_multilevel)
+# Autograd: the same glue as the C++ operators, with the Triton backward kernels.
+register_roi_align_autograd(roi_align_triton, roi_align_backward_triton)
+register_multilevel_autograd(multilevel_roi_align_triton, multilevel_roi_align_backward_triton)
 
 if _INTERPRETED:
     from torch._subclasses.functional_tensor import FunctionalTensorMode

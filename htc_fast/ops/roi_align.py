@@ -202,14 +202,6 @@ def _setup_roi_align(ctx, inputs, output):
     ctx.args = (spatial_scale, ph, pw, *input.shape, sampling_ratio, aligned)
 
 
-def _backward_roi_align(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    scale, ph, pw, n, c, h, w, sampling_ratio, aligned = ctx.args
-    grad_input = torch.ops.htc_fast.roi_align_backward(
-        grad.contiguous(), rois, scale, ph, pw, n, c, h, w, sampling_ratio, aligned)
-    return grad_input, None, None, None, None, None, None
-
-
 def _setup_multilevel(ctx, inputs, output):
     features, rois, scales, ph, pw, sampling_ratio, aligned, finest_scale = inputs
     ctx.save_for_backward(rois)
@@ -217,13 +209,24 @@ def _setup_multilevel(ctx, inputs, output):
                 features[0].shape[0], features[0].shape[1], sampling_ratio, aligned, finest_scale)
 
 
-def _backward_multilevel(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    scales, ph, pw, heights, widths, n, c, sampling_ratio, aligned, finest_scale = ctx.args
-    grads = torch.ops.htc_fast.multilevel_roi_align_backward(
-        grad.contiguous(), rois, scales, ph, pw, heights, widths, n, c, sampling_ratio, aligned,
-        finest_scale)
-    return list(grads), None, None, None, None, None, None, None
+def register_roi_align_autograd(forward_op, backward_op):
+    """Autograd for a roi_align operator (C++ or Triton): grad w.r.t. the features via `backward_op`,
+    which takes the arguments of ``htc_fast::roi_align_backward``; rois get no gradient."""
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        return backward_op(grad.contiguous(), rois, *ctx.args), None, None, None, None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_roi_align)
+
+
+def register_multilevel_autograd(forward_op, backward_op):
+    """As ``register_roi_align_autograd``, for a multilevel_roi_align operator (one grad per level)."""
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        grads = backward_op(grad.contiguous(), rois, *ctx.args)
+        return list(grads), None, None, None, None, None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_multilevel)
 
 
 _AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
@@ -248,9 +251,8 @@ def _register():
     torch.library.register_fake(lib + "roi_align_backward", _fake_roi_align_backward)
     torch.library.register_fake(lib + "multilevel_roi_align", _fake_multilevel)
     torch.library.register_fake(lib + "multilevel_roi_align_backward", _fake_multilevel_backward)
-    torch.library.register_autograd(lib + "roi_align", _backward_roi_align, setup_context=_setup_roi_align)
-    torch.library.register_autograd(lib + "multilevel_roi_align", _backward_multilevel,
-                                    setup_context=_setup_multilevel)
+    register_roi_align_autograd(lib + "roi_align", torch.ops.htc_fast.roi_align_backward)
+    register_multilevel_autograd(lib + "multilevel_roi_align", torch.ops.htc_fast.multilevel_roi_align_backward)
     for key in ("AutocastCPU", "AutocastCUDA"):
         _autocast_lib.impl("roi_align", _autocast_roi_align, key)
         _autocast_lib.impl("multilevel_roi_align", _autocast_multilevel, key)
