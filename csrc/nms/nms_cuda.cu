@@ -8,8 +8,8 @@
 //    never compared (the offset trick compares them, and is inexact in fp32).
 // 3. nms_reduce_kernel: one warp per segment runs the greedy chain over its rows, keeping the
 //    removed-bits of its segment in shared memory; segments run in parallel.
-// 4. The kept flags go back to the original indices, read out in score order (one host sync for
-//    the output size, plus one for the segment table).
+// 4. The kept flags go back to the original indices, read out in score order. Host syncs: the
+//    output size, the longest segment, and (batched only) the number of segments.
 // IoU in at::opmath_type, with torchvision's operations (nms_common.h): decisions agree exactly.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

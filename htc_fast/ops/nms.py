@@ -9,9 +9,11 @@ Autocast: NMS returns indices and computes IoU in fp32 (fp64 for fp64 boxes) wha
 dtype, so it is unaffected by autocast and casts nothing.
 
 Behaviour on odd input (tested): no boxes -> an empty int64 tensor; NaN scores -> ValueError
-(their rank is undefined); boxes with x2 < x1 or y2 < y1 -> used as given, like torchvision;
-mismatched lengths, wrong ranks, non-float boxes, mixed devices -> ValueError/TypeError naming the
-argument.
+(their rank is undefined; the check costs one device->host sync on CUDA, where NMS syncs for its
+output size anyway); boxes with x2 < x1 or y2 < y1 -> used as given, like torchvision; mismatched
+lengths, wrong ranks, non-float boxes, mixed devices -> ValueError/TypeError naming the argument.
+On CUDA one group (one class or level; all boxes for plain ``nms``) may hold at most 393,216
+boxes (the reduction keeps a group's bits in 48 KB of shared memory); more raises RuntimeError.
 """
 from typing import NamedTuple
 
@@ -96,20 +98,26 @@ def multiclass_nms(boxes, scores, score_threshold, iou_threshold, max_per_image,
     n, num_classes = scores.shape[0], scores.shape[1] - 1
     if not isinstance(boxes, Tensor):
         raise TypeError(f"multiclass_nms: boxes must be a Tensor, got {type(boxes).__name__}")
-    if boxes.dim() == 2 and boxes.shape == (n, 4):
-        boxes = boxes[:, None].expand(n, num_classes, 4)
-    elif boxes.dim() != 3 or boxes.shape != (n, num_classes, 4):
+    for name, t in (("boxes", boxes), ("scores", scores)):
+        if not t.is_floating_point():
+            raise TypeError(f"multiclass_nms: {name} must be floating point, got {t.dtype}")
+    if boxes.device != scores.device:
+        raise ValueError(f"multiclass_nms: boxes are on {boxes.device} but scores on {scores.device}")
+    per_class = boxes.dim() == 3 and boxes.shape == (n, num_classes, 4)
+    if not per_class and not (boxes.dim() == 2 and boxes.shape == (n, 4)):
         raise ValueError(f"multiclass_nms: boxes must be ({n}, 4) or ({n}, {num_classes}, 4) for scores "
                          f"{tuple(scores.shape)}, got {tuple(boxes.shape)}")
     flat_scores = scores[:, :num_classes].reshape(-1)
+    if not torch.compiler.is_compiling() and bool(torch.isnan(flat_scores).any()):
+        raise ValueError("multiclass_nms: scores contain NaN; their order (and so the result) is undefined")
     candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
-    cand_boxes = boxes.reshape(-1, 4)[candidates]
-    labels = candidates % num_classes
+    rows, labels = candidates // num_classes, candidates % num_classes
+    # Class-agnostic boxes are gathered by row: no (N, C, 4) copy.
+    cand_boxes = boxes.reshape(-1, 4)[candidates] if per_class else boxes[rows]
     keep = batched_nms(cand_boxes, flat_scores[candidates], labels, iou_threshold, backend=backend)
     if max_per_image > 0:
         keep = keep[:max_per_image]
-    return MulticlassNMSResult(cand_boxes[keep], flat_scores[candidates[keep]], labels[keep],
-                               candidates[keep] // num_classes)
+    return MulticlassNMSResult(cand_boxes[keep], flat_scores[candidates[keep]], labels[keep], rows[keep])
 
 
 def _check(boxes, scores, idxs):

@@ -13,25 +13,12 @@ of the (N, C) score matrix), and so does the oracle. Results must be exactly equ
 import pytest
 import torch
 import torchvision
-from tests.support import BACKENDS, OPERATOR_BACKENDS, require_backend
-from tests.ops.test_nms import assert_same_indices, class_scores, detections, nms_inputs, require_nms_backend
+from tests.support import require_backend
+from tests.ops.test_nms import assert_same_indices, class_scores, detections, nms_inputs
 
 from htc_fast import ops
 
 HTC_TEST = dict(score_threshold=0.001, iou_threshold=0.5, max_per_image=100)  # HTC's rcnn test cfg
-
-
-@pytest.fixture(params=BACKENDS)
-def nms_backend(request, device):
-    """conftest's ``backend``, skipping Triton while its NMS kernels are absent (test_nms.py)."""
-    require_nms_backend(request.param, device.type)
-    return request.param
-
-
-@pytest.fixture(params=OPERATOR_BACKENDS)
-def nms_operator_backend(request, device):
-    require_nms_backend(request.param, device.type)
-    return request.param
 
 
 def operators(backend):
@@ -82,53 +69,53 @@ def assert_same_result(got, expected, device, dtype):
 
 @pytest.mark.parametrize("max_per_image", [100, 0])
 @pytest.mark.parametrize("layout", ["agnostic", "per_class"])
-def test_matches_the_loop(nms_backend, device, layout, max_per_image):
-    n, num_classes = problem(nms_backend)
+def test_matches_the_loop(backend, device, layout, max_per_image):
+    n, num_classes = problem(backend)
     boxes, obj = detections(n)
     if layout == "per_class":  # a box head with per-class regression: each class moves the box
         boxes = boxes[:, None] + 4 * torch.randn(n, num_classes, 4)
     scores = class_scores(obj, num_classes)
     args = dict(HTC_TEST, max_per_image=max_per_image)
-    got = ops.multiclass_nms(boxes.to(device), scores.to(device), **args, backend=nms_backend)
+    got = ops.multiclass_nms(boxes.to(device), scores.to(device), **args, backend=backend)
     assert_same_result(got, loop_multiclass_nms(boxes, scores, **args), device, torch.float32)
 
 
-def test_definition_on_a_hand_made_case(nms_backend, device):
+def test_definition_on_a_hand_made_case(backend, device):
     """Two rows overlapping (IoU 0.81), three classes + background, written out by hand."""
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]], device=device)
-    scores = torch.tensor([[0.50, 0.25, 0.10, 0.15],   # row 0: class 0 wins its cluster
+    scores = torch.tensor([[0.50, 0.25, 0.10, 0.15],   # row 0: loses class 0 to row 1
                            [0.60, 0.25, 0.05, 0.10],   # row 1: beats row 0 in class 0; ties in class 1
                            [0.25, 0.00, 0.25, 0.50]],  # row 2: alone; 0.25 is not > 0.25
                           device=device)
-    got = ops.multiclass_nms(boxes, scores, 0.25, 0.5, 0, backend=nms_backend)
+    got = ops.multiclass_nms(boxes, scores, 0.25, 0.5, 0, backend=backend)
     assert got.indices.tolist() == [1]  # class 0: row 1 suppresses row 0; the rest are <= 0.25
-    got = ops.multiclass_nms(boxes, scores, 0.05, 0.5, 0, backend=nms_backend)
+    got = ops.multiclass_nms(boxes, scores, 0.05, 0.5, 0, backend=backend)
     # class 0: rows 1, 2 (row 0 suppressed); class 1: tie 0.25 -> row 0 kept, row 1 suppressed;
     # class 2: rows 0, 2 (0.05 is not > 0.05). Ordered by score, ties by (row, class).
     assert list(zip(got.indices.tolist(), got.labels.tolist())) == [(1, 0), (0, 1), (2, 0), (2, 2), (0, 2)]
     assert torch.equal(got.scores, torch.tensor([0.6, 0.25, 0.25, 0.25, 0.1], device=device))
     assert torch.equal(got.boxes, boxes[got.indices])
-    top = ops.multiclass_nms(boxes, scores, 0.05, 0.5, 2, backend=nms_backend)
+    top = ops.multiclass_nms(boxes, scores, 0.05, 0.5, 2, backend=backend)
     assert top.indices.tolist() == [1, 0] and top.labels.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_other_dtypes(nms_backend, device, dtype):
+def test_other_dtypes(backend, device, dtype):
     """Outputs keep the input dtype; decisions are fp32 ones on the upcast values (fp64 in fp64).
     bf16 scores are heavily tied, which exercises the tie order."""
-    n, num_classes = problem(nms_backend)
+    n, num_classes = problem(backend)
     boxes, obj = detections(n)
     boxes, scores = boxes.to(dtype), class_scores(obj, num_classes).to(dtype)
-    got = ops.multiclass_nms(boxes.to(device), scores.to(device), **HTC_TEST, backend=nms_backend)
+    got = ops.multiclass_nms(boxes.to(device), scores.to(device), **HTC_TEST, backend=backend)
     assert_same_result(got, loop_multiclass_nms(boxes, scores, **HTC_TEST), device, dtype)
 
 
-def test_nothing_to_keep(nms_backend, device):
+def test_nothing_to_keep(backend, device):
     for n, threshold in ((0, 0.001), (5, 0.9)):  # no rows; every score <= the threshold
         scores = torch.full((n, 4), 0.9, device=device)
         scores[:, :3] = 0.05
         got = ops.multiclass_nms(torch.rand(n, 4, device=device), scores, threshold, 0.5, 100,
-                                 backend=nms_backend)
+                                 backend=backend)
         assert got.boxes.shape == (0, 4) and got.scores.shape == got.labels.shape == got.indices.shape == (0,)
         assert got.labels.dtype == got.indices.dtype == torch.int64
 
@@ -140,6 +127,9 @@ def test_nothing_to_keep(nms_backend, device):
     ("boxes_classes", ValueError, r"boxes must be \(6, 4\) or \(6, 3, 4\)"),
     ("boxes_rows", ValueError, r"boxes must be \(6, 4\) or \(6, 3, 4\)"),
     ("boxes_list", TypeError, "boxes must be a Tensor"),
+    ("boxes_int", TypeError, "boxes must be floating point"),
+    ("scores_int", TypeError, "scores must be floating point"),
+    ("nan_score", ValueError, "scores contain NaN"),
 ])
 def test_multiclass_argument_errors(case, error, message):
     boxes, scores = torch.rand(6, 4), torch.rand(6, 4).softmax(1)
@@ -155,6 +145,12 @@ def test_multiclass_argument_errors(case, error, message):
         boxes = torch.rand(5, 4)
     elif case == "boxes_list":
         boxes = boxes.tolist()
+    elif case == "boxes_int":
+        boxes = (boxes * 100).long()
+    elif case == "scores_int":
+        scores = (scores * 100).long()
+    elif case == "nan_score":  # a NaN in a class column would otherwise be dropped silently
+        scores[2, 1] = float("nan")
     with pytest.raises(error, match=f"^multiclass_nms: {message}"):
         ops.multiclass_nms(boxes, scores, 0.0, 0.5, 100)
 
@@ -194,10 +190,10 @@ def test_nms_argument_errors(case):
             call()
 
 
-def test_operator_argument_errors(nms_operator_backend, device):
+def test_operator_argument_errors(fast_backend, device):
     """Called directly (torch.ops.htc_fast.*), the operators still reject what would make them read
     out of bounds or silently drop boxes, naming the argument (the C++ ones with TORCH_CHECK)."""
-    nms_op, batched_op = operators(nms_operator_backend)
+    nms_op, batched_op = operators(fast_backend)
     boxes, scores = detections(6)[0].to(device), torch.rand(6, device=device)
     errors = (RuntimeError, ValueError, TypeError)
     with pytest.raises(errors, match=r"boxes must have shape \(N, 4\)"):
@@ -229,19 +225,19 @@ def test_default_backends():
 
 # ----------------------------------------------------------------------------- torch.library
 
-def test_opcheck(nms_operator_backend, device):
+def test_opcheck(fast_backend, device):
     """Schema, fake kernel (a data-dependent output size) and AOT dispatch of the operators."""
-    nms_op, batched_op = operators(nms_operator_backend)
+    nms_op, batched_op = operators(fast_backend)
     boxes, obj = detections(24)
     boxes, scores, idxs = boxes.to(device), torch.rand(24, device=device), (obj % 3).to(device)
     torch.library.opcheck(nms_op, (boxes, scores, 0.5))
     torch.library.opcheck(batched_op, (boxes, scores, idxs, 0.5))
 
 
-def test_compile_fullgraph_nms(nms_operator_backend, device):
+def test_compile_fullgraph_nms(fast_backend, device):
     """No graph break around the ops, and the data-dependent size survives a second shape.
     (Needs no capture_dynamic_output_shape_ops: the fake kernels allocate an unbacked size.)"""
-    backend = nms_operator_backend
+    backend = fast_backend
 
     def fn(boxes, scores, idxs):
         keep = ops.nms(boxes, scores, 0.5, backend=backend)

@@ -16,7 +16,6 @@ the threshold or one unit off it. multiclass_nms, argument errors, the backend t
 torch.compile: test_multiclass_nms.py.
 """
 import functools
-import importlib.util
 import math
 import random
 from fractions import Fraction
@@ -24,7 +23,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torchvision
-from tests.support import BACKENDS, require_backend
+from tests.support import require_backend
 
 from htc_fast import ops
 
@@ -38,20 +37,6 @@ KINDS = ("random", "clustered", "tied", "straddle")
 
 
 # ----------------------------------------------------------------------------- backends
-
-def require_nms_backend(backend, device_type):
-    """conftest's policy, plus a skip while the Triton NMS kernels (written in parallel) are absent."""
-    if backend == "triton" and importlib.util.find_spec("htc_fast.kernels.nms") is None:
-        pytest.skip("htc_fast.kernels.nms (kernels/nms.py, the Triton NMS kernels) does not exist yet")
-    require_backend(backend, device_type)
-
-
-@pytest.fixture(params=BACKENDS)
-def nms_backend(request, device):
-    """conftest's ``backend`` for NMS: it cannot be used as is (see require_nms_backend)."""
-    require_nms_backend(request.param, device.type)
-    return request.param
-
 
 def size_for(backend):
     """Boxes per case: the reference's Python chain costs ~0.1 ms a kept box, the Triton
@@ -171,14 +156,14 @@ def assert_same_indices(got, expected, device):
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_nms_matches_torchvision(nms_backend, device, kind, threshold):
-    boxes, scores = nms_inputs(kind, size_for(nms_backend), threshold)
-    got = ops.nms(boxes.to(device), scores.to(device), threshold, backend=nms_backend)
+def test_nms_matches_torchvision(backend, device, kind, threshold):
+    boxes, scores = nms_inputs(kind, size_for(backend), threshold)
+    got = ops.nms(boxes.to(device), scores.to(device), threshold, backend=backend)
     assert_same_indices(got, torchvision.ops.nms(boxes, scores, threshold), device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_iou_is_compared_with_the_threshold_as_a_double(nms_backend, device, dtype):
+def test_iou_is_compared_with_the_threshold_as_a_double(backend, device, dtype):
     """torchvision's CPU kernel compares the fp32 IoU with the double threshold: an IoU of exactly
     3/10 is 0.3f > 0.3 in fp32 (suppressed) but 0.3 == 0.3 in fp64 (kept). An IoU of exactly 1/2
     is kept (strict >), and 7/10 rounds to 0.7f < 0.7 (kept)."""
@@ -187,7 +172,7 @@ def test_iou_is_compared_with_the_threshold_as_a_double(nms_backend, device, dty
     scores = torch.tensor([0.9, 0.8], dtype=dtype, device=device)
     for threshold, pair in pairs.items():
         boxes = torch.tensor(pair, dtype=dtype, device=device)
-        got = ops.nms(boxes, scores, threshold, backend=nms_backend).cpu().tolist()
+        got = ops.nms(boxes, scores, threshold, backend=backend).cpu().tolist()
         suppressed = threshold == 0.3 and dtype != torch.float64
         assert got == ([0] if suppressed else [0, 1]), (threshold, got)
         ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -225,41 +210,41 @@ def fma_sensitive_pairs(threshold, count=128):
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
-def test_decisions_do_not_depend_on_fma_contraction(nms_backend, device, threshold):
+def test_decisions_do_not_depend_on_fma_contraction(backend, device, threshold):
     """Each pair is its own group of batched_nms; the kept boxes must be torchvision's (CPU)."""
-    pairs = fma_sensitive_pairs(threshold)[:32 if nms_backend == "triton" else None]
+    pairs = fma_sensitive_pairs(threshold)[:32 if backend == "triton" else None]
     boxes, idxs = pairs.reshape(-1, 4), torch.arange(len(pairs)).repeat_interleave(2)
     scores = torch.tensor([0.9, 0.8]).repeat(len(pairs))
-    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), threshold, backend=nms_backend)
+    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), threshold, backend=backend)
     assert_same_indices(got, per_class_loop(boxes, scores, idxs, threshold, torch.float32), device)
 
 
-def test_ties_are_broken_by_index(nms_backend, device):
+def test_ties_are_broken_by_index(backend, device):
     """A stable descending sort: equal scores keep their input order, and of identical boxes with
     equal scores the first one survives."""
     disjoint = torch.tensor([[10.0 * i, 0, 10.0 * i + 5, 5] for i in range(6)], device=device)
     scores = torch.tensor([0.5, 0.5, 0.9, 0.5, 0.9, 0.1], device=device)
-    assert ops.nms(disjoint, scores, 0.5, backend=nms_backend).tolist() == [2, 4, 0, 1, 3, 5]
+    assert ops.nms(disjoint, scores, 0.5, backend=backend).tolist() == [2, 4, 0, 1, 3, 5]
     same = torch.tensor([[1.0, 2, 30, 40]], device=device).repeat(7, 1)
     ties = torch.tensor([0.2, 0.7, 0.7, 0.1, 0.7, 0.2, 0.7], device=device)
-    assert ops.nms(same, ties, 0.5, backend=nms_backend).tolist() == [1]
+    assert ops.nms(same, ties, 0.5, backend=backend).tolist() == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_other_dtypes(nms_backend, device, dtype):
+def test_other_dtypes(backend, device, dtype):
     """fp64: IoU in fp64, equal to torchvision in fp64. fp16/bf16: IoU in fp32, equal to
     torchvision on the fp32-upcast values (bf16 scores are heavily tied: the sort matters)."""
-    boxes, obj = detections(size_for(nms_backend))
+    boxes, obj = detections(size_for(backend))
     boxes, scores = boxes.to(dtype), class_scores(obj, 1)[:, 0].to(dtype)
     idxs = obj % 5
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    got = ops.nms(boxes.to(device), scores.to(device), 0.5, backend=nms_backend)
+    got = ops.nms(boxes.to(device), scores.to(device), 0.5, backend=backend)
     assert_same_indices(got, torchvision.ops.nms(boxes.to(ref_dtype), scores.to(ref_dtype), 0.5), device)
-    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), 0.5, backend=nms_backend)
+    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), 0.5, backend=backend)
     assert_same_indices(got, per_class_loop(boxes, scores, idxs, 0.5, ref_dtype), device)
 
 
-def test_flipped_and_degenerate_boxes(nms_backend, device):
+def test_flipped_and_degenerate_boxes(backend, device):
     """x2 < x1 boxes are used as given (negative area, no intersection), as torchvision does;
     identical zero-area boxes have a zero union, NaN IoU, and never suppress each other."""
     boxes = torch.tensor([[10.0, 10, 0, 0], [9, 9, 1, 1], [0, 0, 10, 10], [5, 5, 5, 5], [5, 5, 5, 5],
@@ -267,70 +252,70 @@ def test_flipped_and_degenerate_boxes(nms_backend, device):
     scores = torch.rand(len(boxes))
     for threshold in (0.5, -0.5):  # below 0, IoUs of 0 and -0.0 (negative areas) suppress too
         expected = torchvision.ops.nms(boxes, scores, threshold)
-        got = ops.nms(boxes.to(device), scores.to(device), threshold, backend=nms_backend)
+        got = ops.nms(boxes.to(device), scores.to(device), threshold, backend=backend)
         assert_same_indices(got, expected, device)
         if threshold > 0:  # the degenerate twins survive: NaN IoU with each other, 0 with the rest
             assert {3, 4, 5, 6} <= set(expected.tolist())
 
 
 @pytest.mark.parametrize("threshold", [-0.5, 0.0, 1.0, 1.5])
-def test_thresholds_outside_0_1(nms_backend, device, threshold):
+def test_thresholds_outside_0_1(backend, device, threshold):
     """0: any overlap suppresses (a zero IoU does not); 1 and above: nothing does; below 0, zero and
     negative IoUs of degenerate and flipped boxes do (NaN still does not)."""
-    boxes, scores = random_boxes(size_for(nms_backend)), torch.rand(size_for(nms_backend))
-    got = ops.nms(boxes.to(device), scores.to(device), threshold, backend=nms_backend)
+    boxes, scores = random_boxes(size_for(backend)), torch.rand(size_for(backend))
+    got = ops.nms(boxes.to(device), scores.to(device), threshold, backend=backend)
     assert_same_indices(got, torchvision.ops.nms(boxes, scores, threshold), device)
 
 
-def test_noncontiguous_inputs(nms_backend, device):
-    n = size_for(nms_backend)
+def test_noncontiguous_inputs(backend, device):
+    n = size_for(backend)
     boxes, obj = detections(n)
     table = torch.cat([torch.rand(n, 1), boxes, torch.rand(n, 2)], 1).to(device)  # (n, 7) rows
     strided_boxes, strided_scores = table[:, 1:5], table[:, 5]
     assert not strided_boxes.is_contiguous() and not strided_scores.is_contiguous()
     expected = torchvision.ops.nms(boxes, strided_scores.cpu().contiguous(), 0.6)
-    assert_same_indices(ops.nms(strided_boxes, strided_scores, 0.6, backend=nms_backend), expected, device)
+    assert_same_indices(ops.nms(strided_boxes, strided_scores, 0.6, backend=backend), expected, device)
     column_major = boxes.t().contiguous().t().to(device)
-    assert_same_indices(ops.nms(column_major, strided_scores, 0.6, backend=nms_backend), expected, device)
+    assert_same_indices(ops.nms(column_major, strided_scores, 0.6, backend=backend), expected, device)
     idxs = torch.randint(0, 4, (n, 2), device=device)[:, 1]
-    got = ops.batched_nms(strided_boxes, strided_scores, idxs, 0.6, backend=nms_backend)
+    got = ops.batched_nms(strided_boxes, strided_scores, idxs, 0.6, backend=backend)
     assert_same_indices(got, per_class_loop(boxes, table[:, 5], idxs, 0.6, torch.float32), device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_empty_and_single(nms_backend, device, dtype):
+def test_empty_and_single(backend, device, dtype):
     empty = torch.zeros(0, 4, dtype=dtype, device=device)
     none = torch.zeros(0, dtype=dtype, device=device)
-    for got in (ops.nms(empty, none, 0.5, backend=nms_backend),
+    for got in (ops.nms(empty, none, 0.5, backend=backend),
                 ops.batched_nms(empty, none, torch.zeros(0, dtype=torch.long, device=device), 0.5,
-                                backend=nms_backend)):
+                                backend=backend)):
         assert got.shape == (0,) and got.dtype == torch.int64 and got.device.type == device.type
     one = torch.tensor([[1.0, 2, 3, 4]], dtype=dtype, device=device)
     score = torch.tensor([0.3], dtype=dtype, device=device)
-    assert ops.nms(one, score, 0.5, backend=nms_backend).tolist() == [0]
-    assert ops.batched_nms(one, score, torch.tensor([7], device=device), 0.5, backend=nms_backend).tolist() == [0]
+    assert ops.nms(one, score, 0.5, backend=backend).tolist() == [0]
+    assert ops.batched_nms(one, score, torch.tensor([7], device=device), 0.5, backend=backend).tolist() == [0]
 
 
 # ----------------------------------------------------------------------------- batched_nms
 
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32, torch.uint8])
-def test_batched_nms_matches_per_class_loop(nms_backend, device, idx_dtype):
+def test_batched_nms_matches_per_class_loop(backend, device, idx_dtype):
     """Group ids of any integer type, negative and far apart; tied scores so that the merge of the
     groups' survivors must order ties by index."""
-    n = size_for(nms_backend)
+    n = size_for(backend)
     boxes, obj = detections(n, integer=True)
     scores = torch.randint(0, 16, (n,)).float() / 16
     values = {torch.int64: [-7, 0, 3, 2 ** 40], torch.int32: [-7, 0, 3, 100_000], torch.uint8: [0, 3, 200]}
     idxs = torch.tensor(values[idx_dtype], dtype=idx_dtype)[torch.randint(0, len(values[idx_dtype]), (n,))]
     threshold = random.choice(THRESHOLDS)
-    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), threshold, backend=nms_backend)
+    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), threshold, backend=backend)
     assert_same_indices(got, per_class_loop(boxes, scores, idxs, threshold, torch.float32), device)
 
 
-def test_batched_nms_of_one_group_is_nms(nms_backend, device):
-    boxes, scores = nms_inputs("clustered", size_for(nms_backend), 0.7)
+def test_batched_nms_of_one_group_is_nms(backend, device):
+    boxes, scores = nms_inputs("clustered", size_for(backend), 0.7)
     idxs = torch.full((len(scores),), 3, device=device)
-    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs, 0.7, backend=nms_backend)
+    got = ops.batched_nms(boxes.to(device), scores.to(device), idxs, 0.7, backend=backend)
     assert_same_indices(got, torchvision.ops.nms(boxes, scores, 0.7), device)
 
 
@@ -359,7 +344,7 @@ def test_batched_nms_80_classes(device_name, backend, dtype, integer):
     comparison agree (not at 0.3: an I/U of exactly 3/10 suppresses in fp32 only, see above).
     Sub-pixel fp32 boxes are compared with the fp32 per-class loop instead.
     """
-    require_nms_backend(backend, device_name)
+    require_backend(backend, device_name)
     boxes, obj = detections(1000, integer=integer)
     scores = class_scores(obj, 80)[:, :80].reshape(-1)
     candidates = (scores > 0.001).nonzero().squeeze(1)
