@@ -87,6 +87,21 @@ def _sample_range(base, bin_size, grid, limit):
 
 
 @triton.jit
+def _axis_tap(v, size, size_f, zero):
+    """Bilinear tap of coordinate v on an axis of `size` cells (torchvision's rules; the twin of
+    axis_tap in csrc/roi_align/roi_align_common.h): (lo, hi, frac, valid). Invalid (outside
+    [-1, size] or NaN) taps are masked by the caller."""
+    valid = (v >= -1.0) & (v <= size_f)
+    v = tl.where(valid, tl.maximum(v, 0.0), zero)
+    lo = v.to(tl.int32)
+    last = lo >= size - 1
+    lo = tl.where(last, size - 1, lo)
+    hi = tl.where(last, size - 1, lo + 1)
+    frac = tl.where(last, zero, v - lo.to(v.dtype))
+    return lo, hi, frac, valid
+
+
+@triton.jit
 def _choose(sel, f, H, W, sn, sc, sh, sw, s, f_l, H_l, W_l, sn_l, sc_l, sh_l, sw_l, s_l):
     """The level arguments (pointer, shape, strides, scale) of level l where sel, else the current."""
     return (tl.where(sel, f_l, f), tl.where(sel, H_l, H), tl.where(sel, W_l, W),
@@ -193,26 +208,12 @@ def _roi_align_kernel(
         g = div_rn(tl.load(io_ptr + io_off, mask=cmask, other=0.0).to(T), tl.zeros([BLOCK_C], T) + count)
     acc = tl.zeros([BLOCK_C], T)
     for iy in range(y_lo_i, y_hi_i):
-        y = base_y + div_rn((iy + 0.5) * bin_h, grid_h)
-        in_y = (y >= -1.0) & (y <= Hf)
-        y = tl.where(in_y, tl.maximum(y, 0.0), zero)
-        yl = y.to(tl.int32)
-        top = yl >= H - 1
-        yl = tl.where(top, H - 1, yl)
-        yh = tl.where(top, H - 1, yl + 1)
-        ly = tl.where(top, zero, y - yl.to(T))
+        yl, yh, ly, in_y = _axis_tap(base_y + div_rn((iy + 0.5) * bin_h, grid_h), H, Hf, zero)
         hy = 1.0 - ly
         row_l = yl.to(tl.int64) * sh
         row_h = yh.to(tl.int64) * sh
         for ix in range(x_lo_i, x_hi_i):
-            x = base_x + div_rn((ix + 0.5) * bin_w, grid_w)
-            in_x = (x >= -1.0) & (x <= Wf)
-            x = tl.where(in_x, tl.maximum(x, 0.0), zero)
-            xl = x.to(tl.int32)
-            right = xl >= W - 1
-            xl = tl.where(right, W - 1, xl)
-            xh = tl.where(right, W - 1, xl + 1)
-            lx = tl.where(right, zero, x - xl.to(T))
+            xl, xh, lx, in_x = _axis_tap(base_x + div_rn((ix + 0.5) * bin_w, grid_w), W, Wf, zero)
             hx = 1.0 - lx
             col_l = xl.to(tl.int64) * sw
             col_h = xh.to(tl.int64) * sw
