@@ -2,11 +2,11 @@
 
 Importing htc_fast never fails because of _C: the ops fall back to their pure-PyTorch references
 (with one warning, from ops/_backend.py) and an explicit ``backend="cpp"`` raises with the reason
-recorded here.
+recorded here (the check is in ops/_backend.py).
 """
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
-__all__ = ["loaded", "load_error", "require", "compiled_cuda_archs", "has_cuda_kernels"]
+__all__ = ["loaded", "load_error", "compiled_cuda_archs", "has_cuda_kernels"]
 
 try:
     from htc_fast import _C  # noqa: F401  (registers the htc_fast:: operators with torch)
@@ -17,15 +17,6 @@ except Exception as exc:  # ImportError, or an undefined symbol from an ABI mism
     _C = None
     loaded = False
     load_error = f"{type(exc).__name__}: {exc}"
-
-
-def require(what):
-    """Raise a RuntimeError naming `what` if _C is not loaded."""
-    if not loaded:
-        raise RuntimeError(
-            f"{what} needs the compiled extension htc_fast._C, which is not available ({load_error}). "
-            "Build it with `pip install --no-build-isolation -e .` (see README), or use "
-            "backend='reference'.")
 
 
 def has_cuda_kernels():
