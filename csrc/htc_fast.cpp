@@ -29,6 +29,17 @@ TORCH_LIBRARY_FRAGMENT(htc_fast, m) {
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   // Exactly `nms` run separately for each value of idxs, merged by descending score.
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+
+  // Deformable convolution v1 / modulated v2 (csrc/deform_conv/), torchvision's semantics.
+  // offset: (N, 2*dg*kh*kw, Ho, Wo) (dy, dx) per (group, tap); mask: (N, dg*kh*kw, Ho, Wo) or None.
+  // Offsets and masks are float32 (float64 beside float64 input); weight and bias share input's dtype.
+  m.def("deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
+        "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, "
+        "int offset_groups) -> Tensor");
+  // (grad_input, grad_weight, grad_offset, grad_mask); grad_mask is empty (0,) without a mask.
+  m.def("deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
+        "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, "
+        "int offset_groups) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef HTC_FAST_WITH_CUDA

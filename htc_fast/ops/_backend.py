@@ -33,6 +33,9 @@ DEFAULT_BACKENDS = {
     ("nms", "cuda"): "cpp",
     ("batched_nms", "cpu"): "cpp",
     ("batched_nms", "cuda"): "cpp",
+    # benchmarks/bench_deform_conv.py: cpp vs torchvision.ops.deform_conv2d (ResNet c3-c5 shapes)
+    ("deform_conv2d", "cpu"): "cpp",
+    ("deform_conv2d", "cuda"): "cpp",
 }
 
 _override = contextvars.ContextVar("htc_fast_backend_override", default=None)
