@@ -242,10 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
   const char* op = "htc_fast::deform_conv2d_backward";
   const ConvShape s = check_args(input, weight, offset, mask, std::nullopt, stride_h, stride_w, pad_h, pad_w,
                                  dil_h, dil_w, groups, offset_groups, op);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.batch && grad.size(1) == s.out_channels &&
-                  grad.size(2) == s.out_h && grad.size(3) == s.out_w && grad.scalar_type() == input.scalar_type(),
-              op, ": grad must be ", input.scalar_type(), " of shape (", s.batch, ", ", s.out_channels, ", ",
-              s.out_h, ", ", s.out_w, "), got ", grad.scalar_type(), " ", grad.sizes());
+  check_grad(grad, input, s, op);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   if (s.batch == 0) {
     return {at::zeros_like(input), at::zeros_like(weight), at::zeros_like(offset),

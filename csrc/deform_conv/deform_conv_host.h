@@ -71,6 +71,15 @@ inline ConvShape check_args(const at::Tensor& input, const at::Tensor& weight, c
   return s;
 }
 
+// The backward's incoming gradient must be the forward output's shape and dtype.
+inline void check_grad(const at::Tensor& grad, const at::Tensor& input, const ConvShape& s, const char* op) {
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == s.batch && grad.size(1) == s.out_channels &&
+                  grad.size(2) == s.out_h && grad.size(3) == s.out_w && grad.scalar_type() == input.scalar_type(),
+              op, ": grad must be ", input.scalar_type(), " of shape (", s.batch, ", ", s.out_channels, ", ",
+              s.out_h, ", ", s.out_w, "), got ", grad.scalar_type(), " ", grad.sizes());
+  check_same_device(grad, input, op, "grad", "input");
+}
+
 // Output positions per column tile: the (C * K, tile) column matrix of one image holds at most
 // `budget` values, so memory stays bounded whatever the image size (and the tile stays cache-sized
 // on the CPU). At least 32 positions, at most all of them.
