@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -147,7 +147,8 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["htc_fast", "htc_fast.ops", "htc_fast.ops.reference", "htc_fast.kernels"],
+    # Every package under htc_fast/, plus the Triton kernels shipped as htc_fast.kernels.
+    packages=find_packages(include=["htc_fast", "htc_fast.*"]) + ["htc_fast.kernels"],
     package_dir={"htc_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
