@@ -27,15 +27,21 @@ class SemanticHead(nn.Module):
         num_convs: 3x3 conv + ReLU layers after the fusion (4).
         num_classes: stuff + thing classes of the segmentation (183 for COCO-stuff).
         ignore_index, loss_weight: of the cross-entropy loss (255, 0.2).
+        loss_average: "all" divides the summed loss by every pixel, ignored ones included
+            (mmdetection >= 2.22 and 3.x: its CrossEntropyLoss with avg_non_ignore=False);
+            "valid" by the non-ignored pixels only (torch's nn.CrossEntropyLoss, which the first
+            mmdetection 2.x releases used).
     """
 
     def __init__(self, num_levels=5, fusion_level=1, in_channels=256, channels=256, num_convs=4,
-                 num_classes=183, ignore_index=255, loss_weight=0.2):
+                 num_classes=183, ignore_index=255, loss_weight=0.2, loss_average="all"):
         super().__init__()
         if not 0 <= fusion_level < num_levels:
             raise ValueError(f"fusion_level must be in [0, {num_levels}), got {fusion_level}")
         self.fusion_level = fusion_level
-        self.ignore_index, self.loss_weight = ignore_index, loss_weight
+        if loss_average not in ("all", "valid"):
+            raise ValueError(f"loss_average must be 'all' or 'valid', got {loss_average!r}")
+        self.ignore_index, self.loss_weight, self.loss_average = ignore_index, loss_weight, loss_average
         self.lateral_convs = nn.ModuleList(ConvLayer(in_channels, channels, 1, relu=True)
                                            for _ in range(num_levels))
         self.convs = nn.ModuleList(ConvLayer(channels, channels, 3, padding=1, relu=True)
@@ -71,10 +77,13 @@ class SemanticHead(nn.Module):
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Weighted cross-entropy of (N, K, h, w) logits against (N, h, w) int64 labels at the
         logits' resolution (already downscaled with nearest, see the data pipeline); pixels equal
-        to ignore_index do not count. Averaged over the counted pixels (0 if there are none)."""
+        to ignore_index add 0. Averaged as `loss_average` says (0 if no pixel counts)."""
         if labels.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(f"semantic labels must be (N, h, w) = {(logits.shape[0], *logits.shape[2:])}, "
                              f"got {tuple(labels.shape)}")
-        valid = labels != self.ignore_index
         loss = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_index, reduction="sum")
-        return self.loss_weight * loss / valid.sum().clamp(min=1)
+        if self.loss_average == "all":
+            count = max(labels.numel(), 1)
+        else:
+            count = (labels != self.ignore_index).sum().clamp(min=1)
+        return self.loss_weight * loss / count

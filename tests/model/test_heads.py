@@ -52,7 +52,8 @@ def test_semantic_head_fuses_levels_at_p3():
 
 
 def test_semantic_loss_ignores_label_255():
-    head = SemanticHead(in_channels=4, channels=4, num_classes=3, num_convs=1, loss_weight=0.2)
+    head = SemanticHead(in_channels=4, channels=4, num_classes=3, num_convs=1, loss_weight=0.2,
+                        loss_average="valid")
     logits = torch.randn(2, 3, 5, 6, requires_grad=True)
     labels = torch.randint(0, 3, (2, 5, 6))
     labels[0, :2] = 255
@@ -63,6 +64,9 @@ def test_semantic_loss_ignores_label_255():
     assert all_ignored.item() == 0.0
     with pytest.raises(ValueError, match="semantic labels"):
         head.loss(logits, labels[:, :4])
+    # mmdetection 3.x averages over every pixel, the ignored ones adding 0.
+    all_pixels = SemanticHead(in_channels=4, channels=4, num_classes=3, num_convs=1, loss_weight=0.2)
+    torch.testing.assert_close(all_pixels.loss(logits, labels), expected * valid.sum() / valid.numel())
 
 
 def test_box_head_shapes_and_loss():
