@@ -124,8 +124,10 @@ class ResNet(nn.Module):
                    norm_eps=cfg.norm_eps)
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0 (mmdet's ResNet init).
-        DCN offset convs keep their own zero init (no deformation at the start)."""
+        """Kaiming-normal (fan_out, ReLU) convs, BN weight 1 / bias 0 (mmdet's ResNet init), and
+        the last BN of every bottleneck zero-weighted (mmdet's zero_init_residual, on by default):
+        each block starts as the identity, which keeps activations bounded when training from
+        scratch with frozen statistics. DCN offset convs keep their own zero init."""
         for name, m in self.named_modules():
             if name.endswith("conv_offset"):
                 continue
@@ -134,6 +136,9 @@ class ResNet(nn.Module):
             elif isinstance(m, FrozenBatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
 
     def freeze(self) -> None:
         """Turns off requires_grad of the stem and layer1..layer{frozen_stages}."""

@@ -5,7 +5,9 @@
 the same kernel, stride, padding and dilation that predicts 2 * dg * kh * kw offsets (v1) or
 3 * dg * kh * kw offsets and mask logits (v2). It is zero-initialised, so a fresh layer starts as a
 plain convolution. State-dict keys: ``weight``, ``bias`` (if any), ``conv_offset.weight``,
-``conv_offset.bias`` -- mmcv's names and shapes.
+``conv_offset.bias`` -- mmcv's names and shapes. (mmdetection v1 checkpoints stored the v1 offset
+conv beside the layer, "conv2_offset.*"; a module cannot see its siblings' keys while loading, so
+``htc_fast.model.checkpoint.load_checkpoint`` renames those.)
 """
 import math
 
@@ -76,15 +78,6 @@ class DeformConv2dPack(_DeformConvBase):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._deform(x, self.conv_offset(x), None)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from mmdetection v1 keep the offset conv beside the layer ("conv2_offset.*"
-        # for a layer at "conv2."); mmcv renames them to "conv2.conv_offset.*" on load, so do we.
-        old = prefix[:-1] + "_offset."
-        for name in ("weight", "bias"):
-            if old + name in state_dict and prefix + "conv_offset." + name not in state_dict:
-                state_dict[prefix + "conv_offset." + name] = state_dict.pop(old + name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ModulatedDeformConv2dPack(_DeformConvBase):

@@ -1,0 +1,224 @@
+"""The HTC cascade (Chen et al. 2019): three box stages and three mask stages, interleaved, with
+mask information flow and semantic feature fusion. Training and inference are written out here,
+top to bottom; the heads, RoI extraction and matching live in their own files.
+
+Module layout = mmdetection's ``roi_head``: ``bbox_head.{i}``, ``mask_head.{i}``,
+``semantic_head`` (absent in HTC-without-semantic).
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from htc_fast.config import RoIConfig, SemanticConfig, TestConfig
+from htc_fast.model.box_coder import decode_boxes, encode_boxes
+from htc_fast.model.box_head import BoxHead, box_head_loss
+from htc_fast.model.mask_head import MaskHead, mask_head_loss
+from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler, SamplingResult
+from htc_fast.model.roi_features import RoIFeatureExtractor
+from htc_fast.model.semantic_head import SemanticHead
+from htc_fast.ops import multiclass_nms, roi_align
+
+
+class StageLoss(NamedTuple):
+    """One stage's losses, already multiplied by the stage's weight (1, 0.5, 0.25)."""
+    cls: Tensor
+    box: Tensor
+    mask: Tensor
+    accuracy: Tensor  # percent, for logging
+
+
+class CascadeLoss(NamedTuple):
+    stages: Tuple[StageLoss, ...]
+    semantic: Optional[Tensor]  # None without a semantic head or labels
+
+
+class CascadeDetections(NamedTuple):
+    """Detections of one image, best first (at most test.max_per_img).
+
+    boxes: (D, 4) float32 in original-image pixels; input_boxes: the same in network-input pixels
+    (what the mask branch pooled); scores: (D,); labels: (D,) int64 in [0, num_classes);
+    mask_probs: (D, M, M) merged mask probabilities at each detection's label (None if not asked).
+    """
+    boxes: Tensor
+    input_boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    mask_probs: Optional[Tensor]
+
+
+def rois_from(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image (K_i, 4) boxes -> (sum K_i, 5) rois [batch_index, x1, y1, x2, y2]."""
+    parts = [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
+    return torch.cat(parts) if parts else torch.zeros(0, 5)
+
+
+class HTCRoIHead(nn.Module):
+    """Args: roi, semantic, test: the model config's sections; num_classes (80); in_channels (256)."""
+
+    def __init__(self, roi: RoIConfig, semantic: SemanticConfig, test: TestConfig, num_classes=80,
+                 in_channels=256):
+        super().__init__()
+        self.roi, self.test, self.num_classes = roi, test, num_classes
+        self.semantic_head = SemanticHead(
+            fusion_level=semantic.fusion_level, in_channels=in_channels, channels=semantic.conv_channels,
+            num_convs=semantic.num_convs, num_classes=semantic.num_classes, ignore_index=semantic.ignore_index,
+            loss_weight=semantic.loss_weight) if semantic.enabled else None
+        self.bbox_head = nn.ModuleList(BoxHead(in_channels, roi.box_roi_size, roi.fc_out_channels, num_classes)
+                                       for _ in roi.stages)
+        self.mask_head = nn.ModuleList(
+            MaskHead(in_channels, roi.mask_conv_channels, roi.mask_num_convs, num_classes,
+                     with_conv_res=roi.mask_info_flow and i > 0) for i in range(roi.num_stages))
+        self.extract = RoIFeatureExtractor(tuple(roi.featmap_strides), roi.finest_scale, roi.sampling_ratio,
+                                           roi.aligned, semantic.stride, semantic.roi_size)
+        # Each stage's assigner: positive and negative thresholds equal (0.5, 0.6, 0.7).
+        self.assigners = [MaxIoUAssigner(s.iou_threshold, s.iou_threshold, s.iou_threshold,
+                                         match_low_quality=roi.match_low_quality) for s in roi.stages]
+
+    # ------------------------------------------------------------------------------- training
+
+    def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor],
+             gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor], image_shapes: Sequence[Tuple[int, int]],
+             semantic_labels: Optional[Tensor] = None, *, sampler: str = "random",
+             generator: Optional[torch.Generator] = None) -> CascadeLoss:
+        """The HTC training step of the RoI heads.
+
+        feats: FPN outputs P2..P6; proposals: per image (K_i, 4) RPN boxes (network-input pixels);
+        gt_boxes (G_i, 4), gt_labels (G_i,) int64, gt_masks (G_i, H, W) bool/uint8 at network-input
+        resolution; image_shapes: per image (h, w) before padding (boxes are clipped to it);
+        semantic_labels: (N, H/8, W/8) int64 stuff labels or None; sampler: "random" or
+        "first-k" (deterministic: positives then negatives in index order).
+        """
+        semantic_feat, semantic_loss = None, None
+        if self.semantic_head is not None:
+            logits, semantic_feat = self.semantic_head(feats)
+            if semantic_labels is not None:
+                semantic_loss = self.semantic_head.loss(logits, semantic_labels)
+        pick = self._sampler(sampler)
+        boxes = [p.detach() for p in proposals]
+        stages = []
+        for i, stage in enumerate(self.roi.stages):
+            # Box branch on RoIs sampled from this stage's input boxes.
+            samples = self._sample(i, pick, boxes, gt_boxes, gt_labels, generator)
+            rois = rois_from([s.boxes for s in samples])
+            out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
+            labels = torch.cat([self._labels(s) for s in samples])
+            targets = torch.cat([self._delta_targets(i, s) for s in samples])
+            box_loss = box_head_loss(out, labels, targets, smooth_l1_beta=self.roi.smooth_l1_beta,
+                                     cls_weight=self.roi.loss_cls_weight, box_weight=self.roi.loss_bbox_weight)
+            # Refine: the stage's regression moves its sampled RoIs (ground truth dropped); they
+            # are the next stage's input and, interleaved, what the mask branch samples from now.
+            with torch.no_grad():
+                boxes = self._refine(i, samples, out.deltas, image_shapes)
+            if self.roi.interleaved:
+                samples = self._sample(i, pick, boxes, gt_boxes, gt_labels, generator)
+            mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks)
+            w = stage.loss_weight
+            stages.append(StageLoss(w * box_loss.cls, w * box_loss.box, w * mask_loss, box_loss.accuracy))
+        return CascadeLoss(tuple(stages), semantic_loss)
+
+    def _sampler(self, name):
+        cls = {"random": RandomSampler, "first-k": FirstKSampler}.get(name)
+        if cls is None:
+            raise ValueError(f"sampler must be 'random' or 'first-k', got {name!r}")
+        return cls(self.roi.sampler_num, self.roi.sampler_pos_fraction, -1, self.roi.add_gt_as_proposals)
+
+    def _sample(self, stage, sampler, boxes, gt_boxes, gt_labels, generator) -> List[SamplingResult]:
+        out = []
+        for b, g, lab in zip(boxes, gt_boxes, gt_labels):
+            assigned = self.assigners[stage].assign(b, g, lab)
+            out.append(sampler.sample(assigned, b, g, lab, generator=generator))
+        return out
+
+    def _labels(self, s: SamplingResult) -> Tensor:
+        background = s.pos_gt_labels.new_full((s.num_neg,), self.num_classes)
+        return torch.cat([s.pos_gt_labels, background])
+
+    def _delta_targets(self, stage, s: SamplingResult) -> Tensor:
+        st = self.roi.stages[stage]
+        pos = encode_boxes(s.pos_boxes, s.pos_gt_boxes, st.target_means, st.target_stds)
+        return torch.cat([pos, pos.new_zeros(s.num_neg, 4)])
+
+    def _refine(self, stage, samples, deltas, image_shapes) -> List[Tensor]:
+        st = self.roi.stages[stage]
+        refined = []
+        for s, d, shape in zip(samples, deltas.split([s.num_pos + s.num_neg for s in samples]), image_shapes):
+            boxes = decode_boxes(s.boxes, d, st.target_means, st.target_stds, max_shape=shape)
+            keep = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+            keep[:s.num_pos] = ~s.pos_is_gt
+            refined.append(boxes[keep])
+        return refined
+
+    def _mask_loss(self, stage, feats, semantic_feat, samples, gt_masks) -> Tensor:
+        pos_rois = rois_from([s.pos_boxes for s in samples])
+        x = self.extract(feats, semantic_feat, pos_rois, self.roi.mask_roi_size)
+        logits = self.mask_head[stage].logits(self._trunk(stage, x))
+        targets = torch.cat([self._mask_targets(s, m) for s, m in zip(samples, gt_masks)])
+        labels = torch.cat([s.pos_gt_labels for s in samples])
+        return mask_head_loss(logits, labels, targets, weight=self.roi.loss_mask_weight)
+
+    def _trunk(self, stage, x):
+        """Stage `stage`'s trunk feature with the information flow of the stages before it
+        (eq. 5: each earlier trunk runs on the same RoI features, feeding the next)."""
+        prev = None
+        if self.roi.mask_info_flow:
+            for j in range(stage):
+                prev = self.mask_head[j].trunk(x, prev)
+        return self.mask_head[stage].trunk(x, prev)
+
+    def _mask_targets(self, s: SamplingResult, masks: Tensor) -> Tensor:
+        """(P, M, M) binary targets: each positive's ground-truth mask RoI-aligned to its box
+        (aligned, sampling_ratio 0) and thresholded at 0.5, as mmdetection's BitmapMasks do."""
+        size = self.roi.mask_size
+        if s.num_pos == 0:
+            return masks.new_zeros((0, size, size), dtype=torch.float32)
+        rois = torch.cat([s.pos_assigned_gt_inds[:, None].to(torch.float32), s.pos_boxes.float()], dim=1)
+        crops = roi_align(masks[:, None].float(), rois, size, 1.0, 0, True)
+        return (crops[:, 0] >= 0.5).float()
+
+    # ------------------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_shapes, scale_factors,
+                *, with_masks=True) -> List[CascadeDetections]:
+        """Cascade inference.
+
+        proposals: per image (K_i, 4) (network-input pixels); image_shapes: per image (h, w)
+        before padding; scale_factors: per image (w_scale, h_scale) from the original image to the
+        network input. Class scores are the softmax of the mean of the three stages' logits, each
+        on its own stage's RoIs; boxes are the last stage's regression; masks merge the stages'
+        sigmoids by `roi.mask_merge`.
+        """
+        semantic_feat = self.semantic_head(feats).feat if self.semantic_head is not None else None
+        counts = [len(p) for p in proposals]
+        boxes = [p.float() for p in proposals]
+        logits_sum = None
+        for i, stage in enumerate(self.roi.stages):
+            rois = rois_from(boxes).to(feats[0].device)
+            out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
+            logits_sum = out.cls_logits if logits_sum is None else logits_sum + out.cls_logits
+            boxes = [decode_boxes(b, d, stage.target_means, stage.target_stds, max_shape=shape)
+                     for b, d, shape in zip(boxes, out.deltas.float().split(counts), image_shapes)]
+        scores = torch.softmax(logits_sum.float() / float(len(self.roi.stages)), dim=1).split(counts)
+        results = []
+        for b, sc, scale in zip(boxes, scores, scale_factors):
+            nms = multiclass_nms(b, sc, self.test.score_thr, self.test.nms_iou, self.test.max_per_img)
+            original = nms.boxes / nms.boxes.new_tensor([scale[0], scale[1], scale[0], scale[1]])
+            results.append(CascadeDetections(original, nms.boxes, nms.scores, nms.labels, None))
+        if with_masks:
+            results = self._predict_masks(feats, semantic_feat, results)
+        return results
+
+    def _predict_masks(self, feats, semantic_feat, dets: List[CascadeDetections]) -> List[CascadeDetections]:
+        rois = rois_from([d.input_boxes for d in dets]).to(feats[0].device)
+        labels = torch.cat([d.labels for d in dets])
+        x = self.extract(feats, semantic_feat, rois, self.roi.mask_roi_size)
+        probs, prev = [], None
+        for i, head in enumerate(self.mask_head):
+            prev = head.trunk(x, prev if self.roi.mask_info_flow else None)
+            if self.roi.mask_merge == "mean" or i == len(self.mask_head) - 1:
+                logits = head.logits(prev)
+                probs.append(logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid())
+        merged = torch.stack(probs).mean(0) if len(probs) > 1 else probs[0]
+        parts = merged.split([len(d.labels) for d in dets])
+        return [d._replace(mask_probs=p) for d, p in zip(dets, parts)]

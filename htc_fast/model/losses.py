@@ -1,0 +1,90 @@
+"""Element-wise losses with mmdetection's weighting and "mean" reduction.
+
+mmdet (v2.x, v3.x) reduces a weighted element-wise loss as ``sum(loss * weight) / (avg_factor +
+eps)`` when a normaliser ``avg_factor`` is given (eps = float32 epsilon, so that a zero
+normaliser gives 0 rather than NaN), else as the plain mean of ``loss * weight``. Sampled heads
+pass ``avg_factor`` = number of sampled boxes, so unsampled entries (weight 0) do not dilute it.
+Owns only the arithmetic; which boxes get which weight is the heads' business.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["weight_reduce", "smooth_l1_loss", "l1_loss", "sigmoid_bce_loss", "cross_entropy_loss"]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def weight_reduce(loss: Tensor, weight: Optional[Tensor] = None,
+                  avg_factor: Optional[float] = None) -> Tensor:
+    """mmdet's ``weight_reduce_loss(..., reduction="mean")``.
+
+    Args:
+        loss: element-wise loss, any shape.
+        weight: broadcastable to ``loss``, or None.
+        avg_factor: the normaliser, or None for the mean over all elements.
+
+    Returns:
+        A 0-dim tensor.
+    """
+    if weight is not None:
+        loss = loss * weight
+    if avg_factor is None:
+        return loss.mean()
+    return loss.sum() / (avg_factor + _EPS)
+
+
+def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Optional[Tensor] = None,
+                   avg_factor: Optional[float] = None) -> Tensor:
+    """Huber-style smooth L1: ``0.5 d^2 / beta`` for ``d < beta``, else ``d - 0.5 beta``
+    (d = |pred - target|). HTC: RPN beta 1/9, cascade box heads beta 1.0.
+
+    pred, target: same shape; weight: broadcastable. Empty input gives a 0 connected to ``pred``.
+    """
+    if beta <= 0:
+        raise ValueError(f"smooth_l1_loss: beta must be positive, got {beta}")
+    if pred.shape != target.shape:
+        raise ValueError(f"smooth_l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if target.numel() == 0:
+        return pred.sum() * 0
+    diff = torch.abs(pred - target)
+    loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+    return weight_reduce(loss, weight, avg_factor)
+
+
+def l1_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+            avg_factor: Optional[float] = None) -> Tensor:
+    """|pred - target| with mmdet's reduction. Empty input gives a 0 connected to ``pred``."""
+    if pred.shape != target.shape:
+        raise ValueError(f"l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if target.numel() == 0:
+        return pred.sum() * 0
+    return weight_reduce(torch.abs(pred - target), weight, avg_factor)
+
+
+def sigmoid_bce_loss(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None,
+                     avg_factor: Optional[float] = None) -> Tensor:
+    """Binary cross-entropy on logits (mmdet's ``CrossEntropyLoss(use_sigmoid=True)``).
+
+    Args:
+        logits: (...) raw scores; targets: same shape, in [0, 1]; weight: broadcastable.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"sigmoid_bce_loss: logits {tuple(logits.shape)} and targets "
+                         f"{tuple(targets.shape)} differ")
+    loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return weight_reduce(loss, None if weight is None else weight.float(), avg_factor)
+
+
+def cross_entropy_loss(logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None,
+                       avg_factor: Optional[float] = None, ignore_index: int = -100) -> Tensor:
+    """Softmax cross-entropy (mmdet's ``CrossEntropyLoss``): ``logits`` (N, C), ``labels`` (N,)
+    int64, per-sample ``weight`` (N,). Ignored labels contribute 0 but still count in the mean
+    when ``avg_factor`` is None (mmdet's default, ``avg_non_ignore=False``)."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_loss: logits must be (N, C) and labels (N,), got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
+    return weight_reduce(loss, None if weight is None else weight.float(), avg_factor)

@@ -1,0 +1,165 @@
+"""RPN training: anchor targets (assign + sample) and the objectness / box losses.
+
+mmdetection's ``AnchorHead.get_targets`` / ``loss_by_feat`` for the RPN of HTC:
+- anchors are candidates when valid for the padded image (``valid_flags``) and inside the
+  resized image with ``allowed_border`` (HTC: 0; a negative value keeps all valid anchors);
+- ``MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3, match_low_quality=True)`` against the image's
+  ground truth (all of one class), then ``RandomSampler(256, 0.5, add_gt_as_proposals=False)``;
+- targets: objectness 1 for sampled positives, 0 for sampled negatives (weight 1 each, 0 for
+  every other anchor); deltas ``encode(anchor, gt)`` with weight 1 on sampled positives;
+- losses per level: sigmoid BCE and smooth L1 (beta 1/9), each summed over the batch's anchors
+  of that level and divided by ``avg_factor`` = sum over images of max(P, 1) + max(Q, 1); the
+  total is the sum over levels (mmdet logs the per-level lists ``loss_rpn_cls/bbox``).
+An image without ground truth gets only sampled negatives: a classification loss and a zero box loss.
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from htc_fast.model.anchors import AnchorGenerator, anchor_inside_flags
+from htc_fast.model.box_coder import DeltaXYWHBoxCoder
+from htc_fast.model.losses import sigmoid_bce_loss, smooth_l1_loss
+from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult
+
+__all__ = ["RPNTargets", "RPNLoss", "rpn_targets", "rpn_loss"]
+
+
+class RPNTargets(NamedTuple):
+    """Targets of a batch of N images over all A_total anchors (levels concatenated).
+
+    objectness: (N, A_total) float 1 positive, 0 otherwise.
+    objectness_weights: (N, A_total) float 1 on sampled anchors, 0 elsewhere.
+    deltas: (N, A_total, 4) float encoded targets (0 where not positive).
+    delta_weights: (N, A_total, 4) float 1 on sampled positives.
+    avg_factor: int, the losses' normaliser.
+    sampling: one ``SamplingResult`` per image; its indices refer to that image's inside anchors
+        (``inside[i].nonzero()``).
+    inside: (N, A_total) bool, the candidate anchors of each image.
+    """
+
+    objectness: Tensor
+    objectness_weights: Tensor
+    deltas: Tensor
+    delta_weights: Tensor
+    avg_factor: int
+    sampling: Tuple[SamplingResult, ...]
+    inside: Tensor
+
+
+class RPNLoss(NamedTuple):
+    """Per-level RPN losses (0-dim tensors, level 0 = stride 4), already weighted."""
+
+    cls: Tuple[Tensor, ...]
+    bbox: Tuple[Tensor, ...]
+
+    def total(self) -> Tensor:
+        """Sum of every level's classification and box loss."""
+        return torch.stack(list(self.cls)).sum() + torch.stack(list(self.bbox)).sum()
+
+
+def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple[int, int]],
+                gt_boxes: Sequence[Tensor], image_sizes: Sequence[Tuple[int, int]],
+                pad_shapes: Sequence[Tuple[int, int]], coder: DeltaXYWHBoxCoder,
+                assigner: MaxIoUAssigner, sampler: RandomSampler, allowed_border: float = 0,
+                gt_boxes_ignore: Optional[Sequence[Optional[Tensor]]] = None,
+                generator: Optional[torch.Generator] = None, device=None) -> RPNTargets:
+    """Assign and sample anchors, image by image (in order: the random stream is mmdet's).
+
+    Args:
+        anchor_generator: the RPN's anchors; featmap_sizes: (H_l, W_l) per level.
+        gt_boxes: per image (G_i, 4) xyxy float, network-input pixels (G_i may be 0).
+        image_sizes: per image (h, w) after resizing; pad_shapes: (h, w) after padding to the
+            size divisor (for valid flags; the batch tensor may be larger still).
+        coder, assigner, sampler: HTC's RPN ones (see the module docstring).
+        allowed_border: see ``anchor_inside_flags``.
+        gt_boxes_ignore: per image (I_i, 4) or None (used when the assigner's ignore_iof_thr > 0).
+        generator: CPU generator for the sampler (None: the global one).
+        device: of the anchors (default: the first gt tensor's).
+
+    Returns:
+        RPNTargets.
+    """
+    n = len(gt_boxes)
+    if not (len(image_sizes) == len(pad_shapes) == n):
+        raise ValueError(f"rpn_targets: gt_boxes, image_sizes and pad_shapes must have one entry per "
+                         f"image, got {n}, {len(image_sizes)}, {len(pad_shapes)}")
+    if gt_boxes_ignore is not None and len(gt_boxes_ignore) != n:
+        raise ValueError(f"rpn_targets: gt_boxes_ignore has {len(gt_boxes_ignore)} entries for {n} images")
+    device = device if device is not None else (gt_boxes[0].device if n else None)
+    anchors = torch.cat(anchor_generator.grid_anchors(featmap_sizes, device=device))
+    objectness, objectness_weights, deltas, delta_weights, sampling, inside_all = [], [], [], [], [], []
+    for i in range(n):
+        gt = gt_boxes[i].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4)
+        valid = torch.cat(anchor_generator.valid_flags(featmap_sizes, pad_shapes[i], device=anchors.device))
+        inside = anchor_inside_flags(anchors, valid, image_sizes[i], allowed_border)
+        if not bool(inside.any()):
+            raise ValueError(f"rpn_targets: image {i} of size {tuple(image_sizes[i])} has no anchor inside "
+                             f"it with allowed_border={allowed_border}; use a negative allowed_border")
+        candidates = anchors[inside]
+        ignore = None if gt_boxes_ignore is None else gt_boxes_ignore[i]
+        assign = assigner.assign(candidates, gt, gt_boxes_ignore=ignore)
+        result = sampler.sample(assign, candidates, gt, generator=generator)
+
+        m = candidates.shape[0]
+        obj = anchors.new_zeros(m)
+        obj_w = anchors.new_zeros(m)
+        tgt = anchors.new_zeros(m, 4)
+        tgt_w = anchors.new_zeros(m, 4)
+        if result.num_pos > 0:
+            tgt[result.pos_inds] = coder.encode(result.pos_boxes, result.pos_gt_boxes)
+            tgt_w[result.pos_inds] = 1.0
+            obj[result.pos_inds] = 1.0
+            obj_w[result.pos_inds] = 1.0
+        if result.num_neg > 0:
+            obj_w[result.neg_inds] = 1.0
+        # Back to all anchors: outside ones get zero targets and zero weights.
+        full = anchors.new_zeros(anchors.shape[0])
+        objectness.append(full.index_put((inside,), obj))
+        objectness_weights.append(full.index_put((inside,), obj_w))
+        full4 = anchors.new_zeros(anchors.shape[0], 4)
+        deltas.append(full4.index_put((inside,), tgt))
+        delta_weights.append(full4.index_put((inside,), tgt_w))
+        sampling.append(result)
+        inside_all.append(inside)
+    avg_factor = sum(r.avg_factor for r in sampling)
+    return RPNTargets(torch.stack(objectness), torch.stack(objectness_weights), torch.stack(deltas),
+                      torch.stack(delta_weights), avg_factor, tuple(sampling), torch.stack(inside_all))
+
+
+def rpn_loss(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], targets: RPNTargets,
+             smooth_l1_beta: float = 1.0 / 9.0, cls_weight: float = 1.0,
+             bbox_weight: float = 1.0) -> RPNLoss:
+    """Per-level losses of the RPN outputs against ``targets``.
+
+    Args:
+        cls_logits: per level (N, A, H_l, W_l); bbox_deltas: per level (N, 4A, H_l, W_l).
+        targets: from ``rpn_targets`` for the same feature-map sizes.
+        smooth_l1_beta, cls_weight, bbox_weight: HTC 1/9, 1, 1.
+
+    Returns:
+        RPNLoss with one classification and one box loss per level.
+    """
+    if len(cls_logits) != len(bbox_deltas):
+        raise ValueError(f"rpn_loss: {len(cls_logits)} cls levels but {len(bbox_deltas)} bbox levels")
+    n = targets.objectness.shape[0]
+    counts = [c.shape[1] * c.shape[2] * c.shape[3] for c in cls_logits]
+    if sum(counts) != targets.objectness.shape[1] or any(c.shape[0] != n for c in cls_logits):
+        raise ValueError(f"rpn_loss: the outputs hold {sum(counts)} anchors per image for a batch of "
+                         f"{cls_logits[0].shape[0]}, the targets {targets.objectness.shape[1]} for {n}")
+    losses_cls: List[Tensor] = []
+    losses_bbox: List[Tensor] = []
+    start = 0
+    for logits, deltas, count in zip(cls_logits, bbox_deltas, counts):
+        sl = slice(start, start + count)
+        start += count
+        # (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A): the anchors' (y, x, anchor) order. Losses in
+        # float32 whatever the head's precision.
+        pred_cls = logits.permute(0, 2, 3, 1).reshape(n, -1).float()
+        pred_deltas = deltas.permute(0, 2, 3, 1).reshape(n, -1, 4).float()
+        losses_cls.append(cls_weight * sigmoid_bce_loss(
+            pred_cls, targets.objectness[:, sl], targets.objectness_weights[:, sl], targets.avg_factor))
+        losses_bbox.append(bbox_weight * smooth_l1_loss(
+            pred_deltas, targets.deltas[:, sl], smooth_l1_beta, targets.delta_weights[:, sl],
+            targets.avg_factor))
+    return RPNLoss(tuple(losses_cls), tuple(losses_bbox))
