@@ -38,7 +38,9 @@ class Targets:
     """Ground truth of a batch, in network-input pixels.
 
     boxes: per image (G_i, 4) float32 xyxy; labels: per image (G_i,) int64 in [0, num_classes);
-    masks: per image (G_i, h, w) bool/uint8 (at least the resized image's extent);
+    masks: per image (G_i, h, w) bool/uint8 at exactly the resized image's size (h, w), NOT
+    padded: mask targets are RoI-aligned from them, and bilinear sampling at the right/bottom edge
+    must clamp to the image's last pixel rather than read padding (as mmdetection's masks do);
     semantic: (N, H, W) int64 stuff labels at the padded input resolution (255 = ignore), or None.
     """
     boxes: List[Tensor]
