@@ -40,6 +40,21 @@ TORCH_LIBRARY_FRAGMENT(htc_fast, m) {
   m.def("deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
         "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, "
         "int offset_groups) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Mask paste (csrc/mask_paste/). mask_probs: (N, Mh, Mw) probabilities; boxes: (N, 4) float32
+  // xyxy in image pixels. paste_masks -> (N, height, width) bool, pixel set where the
+  // grid_sample value is >= threshold.
+  m.def("paste_masks(Tensor mask_probs, Tensor boxes, int height, int width, float threshold) -> Tensor");
+  // (N, 4) int64 [x0, y0, x1, y1]: the pixels each box may set (all zero when it sets none).
+  m.def("paste_mask_windows(Tensor boxes, int mask_height, int mask_width, int height, int width) "
+        "-> Tensor");
+  // The masks cropped to `windows` (inside the (height, width) image), each column-major at
+  // offsets[n] of a flat (total,) bool tensor.
+  m.def("paste_mask_crops(Tensor mask_probs, Tensor boxes, Tensor windows, Tensor offsets, "
+        "int total, int height, int width, float threshold) -> Tensor");
+  // COCO RLE of such crops in a (height, width) image: (chars uint8, char_offsets (N + 1,) int64);
+  // mask n's compressed counts string is chars[char_offsets[n]:char_offsets[n + 1]]. CPU only.
+  m.def("mask_rle_encode(Tensor crops, Tensor windows, Tensor offsets, int height, int width) "
+        "-> (Tensor, Tensor)");
 }
 
 #ifndef HTC_FAST_WITH_CUDA

@@ -2,9 +2,11 @@
 ``use_backend(...)`` sets a default for a block of code; ``DEFAULT_BACKENDS`` is the table."""
 from htc_fast.ops._backend import BACKENDS, DEFAULT_BACKENDS, use_backend
 from htc_fast.ops.deform_conv import deform_conv2d
+from htc_fast.ops.mask_paste import htc_mask_probs, paste_masks
+from htc_fast.ops.mask_rle import paste_masks_rle
 from htc_fast.ops.nms import MulticlassNMSResult, batched_nms, multiclass_nms, nms
 from htc_fast.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
 
 __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "use_backend", "roi_align", "multilevel_roi_align",
            "map_roi_levels", "nms", "batched_nms", "multiclass_nms", "MulticlassNMSResult",
-           "deform_conv2d"]
+           "deform_conv2d", "paste_masks", "paste_masks_rle", "htc_mask_probs"]

@@ -36,6 +36,15 @@ DEFAULT_BACKENDS = {
     # benchmarks/bench_deform_conv.py: cpp vs torchvision.ops.deform_conv2d (ResNet c3-c5 shapes)
     ("deform_conv2d", "cpu"): "cpp",
     ("deform_conv2d", "cuda"): "cpp",
+    # benchmarks/bench_mask_paste.py::test_paste_masks[cpu-*]: cpp vs mmdetection's grid_sample
+    # formulation and torchvision's paste_masks_in_image (results/cpu_mask_paste_2026-11-25.md)
+    ("paste_masks", "cpu"): "cpp",
+    # benchmarks/bench_mask_paste.py::test_paste_masks[cuda-*] (gpu_suite.sh); one thread per pixel
+    # of each box's window vs the full grid_sample grid
+    ("paste_masks", "cuda"): "cpp",
+    # benchmarks/bench_mask_paste.py::test_paste_masks_rle: crops + C++ RLE vs dense + pycocotools
+    ("paste_masks_rle", "cpu"): "cpp",
+    ("paste_masks_rle", "cuda"): "cpp",
 }
 
 _override = contextvars.ContextVar("htc_fast_backend_override", default=None)
