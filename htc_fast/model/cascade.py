@@ -17,7 +17,7 @@ from htc_fast.model.mask_head import MaskHead, mask_head_loss
 from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler, SamplingResult
 from htc_fast.model.roi_features import RoIFeatureExtractor
 from htc_fast.model.semantic_head import SemanticHead
-from htc_fast.ops import multiclass_nms, roi_align
+from htc_fast.ops import htc_mask_probs, multiclass_nms, roi_align
 
 
 class StageLoss(NamedTuple):
@@ -213,12 +213,11 @@ class HTCRoIHead(nn.Module):
         rois = rois_from([d.input_boxes for d in dets]).to(feats[0].device)
         labels = torch.cat([d.labels for d in dets])
         x = self.extract(feats, semantic_feat, rois, self.roi.mask_roi_size)
-        probs, prev = [], None
+        logits, prev = [], None
         for i, head in enumerate(self.mask_head):
             prev = head.trunk(x, prev if self.roi.mask_info_flow else None)
             if self.roi.mask_merge == "mean" or i == len(self.mask_head) - 1:
-                logits = head.logits(prev)
-                probs.append(logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid())
-        merged = torch.stack(probs).mean(0) if len(probs) > 1 else probs[0]
+                logits.append(head.logits(prev))
+        merged = htc_mask_probs(logits, labels)
         parts = merged.split([len(d.labels) for d in dets])
         return [d._replace(mask_probs=p) for d, p in zip(dets, parts)]

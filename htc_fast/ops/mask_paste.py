@@ -92,11 +92,9 @@ def htc_mask_probs(stage_logits, labels):
             ((labels < 0) | (labels >= first.shape[1])).any()):
         raise ValueError(f"htc_mask_probs: labels must be in [0, {first.shape[1]})")
     rows = torch.arange(first.shape[0], device=first.device)
-    total = None
-    for t in stage_logits:
-        p = t[rows, labels.long()].float().sigmoid()
-        total = p if total is None else total + p
-    return total / len(stage_logits)
+    # torch.stack(...).mean(0): the arithmetic of mmdetection's merge, so the result is bit-equal
+    # to its merged masks (scripts/compare_oracle.py).
+    return torch.stack([t[rows, labels.long()].float().sigmoid() for t in stage_logits]).mean(0)
 
 
 # ----------------------------------------------------------------------------- argument checks

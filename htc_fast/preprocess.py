@@ -1,0 +1,87 @@
+"""Test-time preprocessing as mmdetection does it for HTC (HTC_SPEC.md step 1): resize keeping
+the aspect ratio into (1333, 800), normalise with ImageNet's RGB statistics, pad bottom/right to
+a multiple of 32. Turns image files or uint8 arrays into an ``ImageBatch``.
+
+The resize is bilinear with half-pixel centres and no antialiasing, rounded back to uint8 like
+OpenCV's; OpenCV's fixed-point arithmetic can differ from it by one grey level on some pixels.
+"""
+from pathlib import Path
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from htc_fast.model.inputs import ImageBatch
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+ImageLike = Union[str, Path, np.ndarray, Tensor]
+
+
+def load_image(path: Union[str, Path]) -> Tensor:
+    """(3, H, W) uint8 RGB from an image file; a clear error if it is missing or unreadable."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from exc
+
+
+def as_image_tensor(image: ImageLike) -> Tensor:
+    """A file path, an (H, W, 3) uint8 array (RGB) or a (3, H, W) uint8 tensor -> (3, H, W) uint8."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"an image tensor must be (3, H, W) uint8, got {tuple(image.shape)} {image.dtype}")
+        return image
+    raise TypeError(f"expected an image path, array or tensor, got {type(image).__name__}")
+
+
+def rescale_size(height: int, width: int, scale: Tuple[int, int] = (1333, 800)) -> Tuple[int, int]:
+    """mmcv's keep-ratio rescale: factor = min(long_max / long, short_max / short), sides
+    int(side * factor + 0.5). Returns (new_h, new_w)."""
+    long_max, short_max = max(scale), min(scale)
+    factor = min(long_max / max(height, width), short_max / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
+    """(3, h, w) uint8 -> (3, H, W) uint8, bilinear (half-pixel centres, no antialias), rounded."""
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def make_batch(images: Sequence[ImageLike], scale: Tuple[int, int] = (1333, 800), size_divisor: int = 32,
+               device=None) -> ImageBatch:
+    """Preprocess images (paths, arrays or tensors) into one padded, normalised ImageBatch."""
+    if len(images) == 0:
+        raise ValueError("make_batch needs at least one image")
+    resized, shapes, factors, originals = [], [], [], []
+    for img in images:
+        img = as_image_tensor(img)
+        h, w = img.shape[1:]
+        nh, nw = rescale_size(h, w, scale)
+        resized.append(resize(img, (nh, nw)))
+        shapes.append((nh, nw))
+        factors.append((nw / w, nh / h))
+        originals.append((h, w))
+    ph = -(-max(s[0] for s in shapes) // size_divisor) * size_divisor
+    pw = -(-max(s[1] for s in shapes) // size_divisor) * size_divisor
+    batch = torch.zeros(len(images), 3, ph, pw)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    for i, img in enumerate(resized):
+        batch[i, :, :img.shape[1], :img.shape[2]] = (img.float() - mean) / std
+    return ImageBatch(batch if device is None else batch.to(device), shapes, factors, originals)

@@ -1,0 +1,87 @@
+"""Preprocessing (mmdetection's test pipeline) and inference on a real photograph through the
+Predictor API and the command line."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from htc_fast import predict as predict_cli
+from htc_fast.predict import Predictor
+from htc_fast.preprocess import MEAN, STD, as_image_tensor, load_image, make_batch, rescale_size
+
+PHOTO = Path(__file__).parent / "data" / "rocket.jpg"
+
+
+@pytest.mark.parametrize("hw, expected", [((400, 600), (800, 1200)), ((300, 451), (800, 1203)),
+                                          ((480, 640), (800, 1067)), ((1000, 300), (1333, 400))])
+def test_rescale_size_is_mmcvs_keep_ratio_rule(hw, expected):
+    assert rescale_size(*hw) == expected
+
+
+def test_make_batch_pads_normalises_and_records_sizes():
+    a = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    b = np.random.randint(0, 256, (40, 30, 3), dtype=np.uint8)
+    batch = make_batch([a, b], scale=(140, 100))
+    assert batch.image_shapes == [(100, 140), (133, 100)]
+    assert batch.images.shape == (2, 3, 160, 160)  # padded to multiples of 32
+    assert batch.original_shapes == [(50, 70), (40, 30)]
+    assert batch.scale_factors[0] == (140 / 70, 100 / 50)
+    assert (batch.images[0, :, 100:] == 0).all() and (batch.images[1, :, :, 100:] == 0).all()
+    # A constant image stays constant through resize and normalises channel-wise.
+    flat = torch.full((3, 20, 20), 100, dtype=torch.uint8)
+    out = make_batch([flat], scale=(40, 40)).images[0, :, :40, :40]
+    expected = (100 - torch.tensor(MEAN)) / torch.tensor(STD)
+    torch.testing.assert_close(out, expected.view(3, 1, 1).expand(3, 40, 40))
+
+
+def test_bad_images_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_image(tmp_path / "missing.jpg")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ValueError, match="cannot decode"):
+        load_image(corrupt)
+    with pytest.raises(ValueError, match="uint8"):
+        as_image_tensor(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="at least one"):
+        make_batch([])
+
+
+def test_predictor_on_a_real_photograph():
+    predictor = Predictor("htc_tiny", device="cpu")
+    photo = load_image(PHOTO)
+    det = predictor([PHOTO])[0]
+    h, w = photo.shape[1:]
+    assert det.masks.shape == (len(det.scores), h, w) and det.masks.dtype == torch.bool
+    assert len(det.scores) <= predictor.cfg.model.test.max_per_img
+    assert (det.boxes[:, 2] <= w + 1e-3).all() and (det.boxes[:, 3] <= h + 1e-3).all()
+    rle = predictor([PHOTO], masks="rle")[0]
+    assert len(rle.masks) == len(det.scores)
+    assert torch.equal(rle.boxes, det.boxes)
+
+
+def test_predict_command_writes_drawings_and_json(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    rc = predict_cli.main([str(PHOTO), str(bad), "--config", "htc_tiny", "--out", str(out), "--device", "cpu",
+                           "--show-thr", "0"])
+    assert rc == 1  # one image failed, the other was written
+    result = json.loads((out / "rocket.json").read_text())
+    assert result["image"] == str(PHOTO)
+    assert all({"bbox", "score", "label", "category", "segmentation"} <= set(d) for d in result["detections"])
+    drawn = load_image(out / "rocket.png")
+    assert drawn.shape == load_image(PHOTO).shape
+
+
+def test_predictor_bf16_autocast_keeps_boxes_fp32():
+    fp32 = Predictor("htc_tiny", device="cpu")
+    bf16 = Predictor("htc_tiny", device="cpu", amp="bf16")
+    bf16.model.load_state_dict(fp32.model.state_dict())
+    det = bf16([PHOTO], masks="rle")[0]
+    assert det.boxes.dtype == torch.float32 and det.scores.dtype == torch.float32
+    assert torch.isfinite(det.boxes).all()
+    with pytest.raises(ValueError, match="amp"):
+        Predictor("htc_tiny", device="cpu", amp="int8")
