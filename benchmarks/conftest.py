@@ -39,8 +39,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "bench_cases(cases=fn): fn(device) -> [(dtype_name, impl), ...], the cases of a "
-                   "bench test; conftest parametrizes device, dtype, impl and direction from it")
+        "markers", "bench_cases(cases=fn, directions=(...)): fn(device) -> [(dtype_name, impl), ...], "
+                   "the cases of a bench test; conftest parametrizes device, dtype, impl and direction "
+                   "(all three unless `directions` says which) from it")
 
 
 def _devices(config):
@@ -67,10 +68,11 @@ def pytest_generate_tests(metafunc):
     if marker is None:
         return
     cases_for = marker.kwargs["cases"]  # a keyword: pytest.mark.x(fn) would decorate fn instead
+    directions = marker.kwargs.get("directions", DIRECTIONS)
     params = []
     for device in _devices(metafunc.config):
         for dtype, impl in cases_for(device):
-            for direction in DIRECTIONS:
+            for direction in directions:
                 params.append(pytest.param(device, dtype, impl, direction,
                                            id=f"{device}-{dtype}-{impl}-{direction}"))
     metafunc.parametrize("device,dtype,impl,direction", params)
@@ -116,13 +118,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def bench_case(benchmark, pytestconfig):
     """``bench_case(forward=..., inputs=..., direction=..., device=..., group=..., extra_info=...)``
     times one case; see ``run_case``."""
-    def run(**kwargs):
-        return run_case(benchmark, rounds=pytestconfig.getoption("bench_rounds"), **kwargs)
+    def run(cpu_rounds=None, **kwargs):
+        # --bench-rounds wins; else a bench file may ask for (warmup, timed) CPU rounds of its own
+        # for cases that take seconds per call (else the CPU run of the suite takes too long).
+        rounds, warmup = pytestconfig.getoption("bench_rounds"), None
+        if rounds is None and cpu_rounds is not None and kwargs["device"] == "cpu":
+            warmup, rounds = cpu_rounds
+        return run_case(benchmark, rounds=rounds, warmup=warmup, **kwargs)
 
     return run
 
 
-def run_case(benchmark, *, forward, inputs, direction, device, group, extra_info, rounds=None):
+def run_case(benchmark, *, forward, inputs, direction, device, group, extra_info, rounds=None, warmup=None):
     """Time one case and record what it was.
 
     Args:
@@ -135,7 +142,7 @@ def run_case(benchmark, *, forward, inputs, direction, device, group, extra_info
         group: pytest-benchmark group, one shape x direction x device x precision: a group's rows
             are the candidates for one job, and summarize.py divides by the group's baseline.
         extra_info: recorded in the JSON (impl, role, dtype, shape, ...).
-        rounds: timed rounds; None takes the per-device default.
+        rounds, warmup: timed and warm-up rounds; None takes the per-device default.
 
     ``torch.autograd.grad`` rather than ``.backward()``: no ``.grad`` accumulates across rounds
     (an extra read-modify-write of the whole feature map that training does not pay per call).
@@ -172,7 +179,8 @@ def run_case(benchmark, *, forward, inputs, direction, device, group, extra_info
     else:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
-    warmup, default_rounds = _ROUNDS[device]
+    default_warmup, default_rounds = _ROUNDS[device]
+    warmup = default_warmup if warmup is None else warmup
     benchmark.group = group
     benchmark.extra_info.update(extra_info)
     benchmark.extra_info.update(direction=direction, device=device, device_name=device_name(device),

@@ -37,7 +37,8 @@ row are contiguous), converted to a contiguous tensor of the input's dtype at th
 Accumulation dtype T: the offsets' dtype (float64 for float64 features, else float32); sampling
 coordinates and bilinear weights are computed in T. GEMM operands: fp32 and fp64 tiles go to tl.dot
 unchanged with input_precision="ieee" (no TF32); fp16/bf16 operands (the A / gcol tiles rounded to
-the input dtype) use the tensor cores with T accumulation. The interpreter (TRITON_INTERPRET=1)
+the input dtype) use the tensor cores with T accumulation, except grad_weight's GEMM, which takes
+fp32 operands (a reduction over every output position). The interpreter (TRITON_INTERPRET=1)
 truncates fp32 -> bf16 casts and its bf16 tl.dot multiplies raw bits, so there bf16 GEMMs run in
 fp32 on operands rounded to bf16 by _round_bf16 (identical products) and bf16 outputs are written
 in fp32 and rounded by torch.
@@ -398,10 +399,15 @@ def deform_conv2d_backward_triton(grad: Tensor, input: Tensor, weight: Tensor, o
             grad, input, weight, offset, m, g_in, g_off, g_msk if mask is not None else g_off,
             *geo.values(), *_strides(grad, input, weight, offset, m, g_in), *conv,
             BLOCK_P=data_p, BLOCK_CO=_block(geo["Cog"], 16, data_co), BLOCK_C=data_c, **common)
+        # grad_weight sums products over every output position: with fp16/bf16 operands its error
+        # grows past a small multiple of the dtype's rounding, so that GEMM runs in fp32 operands
+        # (the columns are computed in fp32 anyway); the data-gradient GEMMs keep the input dtype.
+        weight_gemm = dict(common, **dict(zip(("DOT", "ROUND_BF16", "PRECISION"), _gemm_config(torch.float32)))) \
+            if input.dtype in (torch.float16, torch.bfloat16) else common
         wrap_triton(_bwd_weight_kernel)[(k_cb, triton.cdiv(geo["Cog"], block_co), groups * splits)](
             grad, input, offset, m, g_w, *geo.values(), co, per_split * block_p, splits,
             *_strides(grad, input, offset, m), *conv, BLOCK_P=block_p, BLOCK_CO=block_co,
-            BLOCK_C=block_c, **common)
+            BLOCK_C=block_c, **weight_gemm)
     return (g_in.to(input.dtype, memory_format=torch.contiguous_format),
             g_w.sum(0).reshape(weight.shape).to(weight.dtype), g_off, g_msk)
 

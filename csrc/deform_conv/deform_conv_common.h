@@ -125,7 +125,8 @@ HTC_HD T interpolate(const Tap<T>& t, const T v[4]) {
 }
 
 // d(interpolated value)/dy and d/dx: the derivative of the interpolation with corners outside the
-// map reading 0, as torchvision's backward computes it (zero when the tap is outside).
+// map reading 0. Callers skip taps outside (-1, H) x (-1, W), so a sample exactly on y = -1 or
+// x = -1 gets 0, as in mmcv; torchvision returns the one-sided derivative there.
 template <typename T>
 HTC_HD void interpolate_gradient(const Tap<T>& t, const T v[4], T& d_dy, T& d_dx) {
   d_dy = (T(1) - t.lx) * (v[2] - v[0]) + t.lx * (v[3] - v[1]);

@@ -58,7 +58,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
 # ----------------------------------------------------------------------------- argument checks
 
 def _pair(value, name, minimum):
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
         raise ValueError(f"deform_conv2d: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return pair

@@ -34,7 +34,7 @@ def deform_conv2d(input: Tensor, weight: Tensor, offset: Tensor, mask, bias, str
         cols = cols * mask.to(compute).reshape(n, dg, 1, k, p)
     cols = cols.reshape(n, groups, cg, k, p)
     wg = weight.to(compute).reshape(groups, co // groups, cg, k)
-    out = torch.einsum("ngckp,gock->ngop", cols, wg).reshape(n, co, ho, wo)
+    out = torch.einsum("ngckp,gock->ngop", cols, wg).reshape(n, co, ho, wo).contiguous()
     if bias is not None:
         out = out + bias.to(compute).reshape(1, co, 1, 1)
     return out.to(out_dtype)
@@ -44,7 +44,7 @@ def sample_positions(offset, kh, kw, stride, padding, dilation):
     """Sampling coordinates (y, x), each (N, dg, K, Ho*Wo), of every tap at every output position."""
     n, _, ho, wo = offset.shape
     k = kh * kw
-    off = offset.reshape(n, -1, k, 2, ho * wo)
+    off = offset.reshape(n, offset.shape[1] // (2 * k), k, 2, ho * wo)  # no -1: n may be 0
     dev, dt = offset.device, offset.dtype
     oy = torch.arange(ho, device=dev, dtype=dt) * stride[0] - padding[0]
     ox = torch.arange(wo, device=dev, dtype=dt) * stride[1] - padding[1]
