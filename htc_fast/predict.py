@@ -60,7 +60,7 @@ def class_name(label: int, names=COCO_CLASSES) -> str:
     return names[label] if 0 <= label < len(names) else str(label)
 
 
-def draw(image: torch.Tensor, det: Detections, score_thr: float) -> torch.Tensor:
+def draw(image: torch.Tensor, det: Detections, score_thr: float, names=COCO_CLASSES) -> torch.Tensor:
     """(3, H, W) uint8 with the detections scoring >= score_thr drawn (masks, boxes, names)."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -73,7 +73,7 @@ def draw(image: torch.Tensor, det: Detections, score_thr: float) -> torch.Tensor
     out = image
     if det.masks is not None:
         out = draw_segmentation_masks(out, det.masks[keep].cpu(), alpha=0.45, colors=colors)
-    text = [f"{class_name(l)} {s:.2f}" for l, s in zip(labels, det.scores[keep].tolist())]
+    text = [f"{class_name(l, names)} {s:.2f}" for l, s in zip(labels, det.scores[keep].tolist())]
     return draw_bounding_boxes(out, det.boxes[keep].cpu(), labels=text, colors=colors, width=2)
 
 
