@@ -113,7 +113,7 @@ def main(argv=None):
     log = training.MetricLog(work_dir, args.log_interval, total_iters, total_batch, args.tensorboard and d.main)
     say(d, f"{cfg.name}: {len(train_set)} training images, {len(loader.batch_sampler)} iterations per epoch, "
            f"{d.world_size} process(es) on {d.device}, lr {base_lr:g} for {total_batch} images per step")
-    untrained = None
+    untrained = last_eval = None
     if builtin and progress.iteration == 0 and not args.no_eval:
         untrained = maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, "untrained")
     autocast = torch.autocast(d.device.type, dtype=AMP[args.amp]) if args.amp else contextlib.nullcontext()
@@ -146,8 +146,8 @@ def main(argv=None):
                 log.maybe_log(progress, values, lr, d.device)
             if args.ckpt_interval and progress.iteration % args.ckpt_interval == 0 and d.main:
                 last_ckpt = training.write_checkpoint(work_dir, model, optimizer, progress, cfg.name, overrides, scaler)
-            if progress.iteration >= total_iters:
-                break
+            if progress.iteration >= total_iters and progress.step < len(loader.batch_sampler):
+                break  # --max-iters ends the run inside an epoch
         else:  # the epoch ran to its end
             progress.epoch += 1
             progress.step = 0
@@ -155,15 +155,17 @@ def main(argv=None):
                 last_ckpt = training.write_checkpoint(work_dir, model, optimizer, progress, cfg.name, overrides,
                                                       scaler)
             if not args.no_eval:
-                maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, f"epoch {progress.epoch}")
+                last_eval = maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress,
+                                           f"epoch {progress.epoch}")
                 model.train()
             continue
         break
-    if d.main:
+    if d.main and progress.step:  # stopped inside an epoch: save where
         last_ckpt = training.write_checkpoint(work_dir, model, optimizer, progress, cfg.name, overrides, scaler)
     say(d, f"trained {progress.iteration} iterations in {time.time() - start:.0f} s; checkpoint {last_ckpt}")
     if builtin and not args.no_eval:
-        trained = maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, "trained")
+        trained = last_eval if progress.step == 0 and last_eval is not None else \
+            maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, "trained")
         if d.main and trained is not None and untrained is not None:
             print(f"built-in run: bbox AP {untrained.bbox.AP:.3f} -> {trained.bbox.AP:.3f}, "
                   f"mask AP {untrained.segm.AP:.3f} -> {trained.segm.AP:.3f} (untrained -> trained)")
@@ -266,7 +268,11 @@ def draw_predictions(model, cfg, image_path, out_path, device, names):
     image = load_image(image_path)
     model.eval()
     det = model.predict(make_batch([image], cfg.data.test_scale, device=device))[0]
-    write_png(draw(image, det, 0.3, names), str(out_path))
+    # A small model trained for minutes scores low: draw its ten best detections above 0.05.
+    keep = det.scores >= max(0.05, float(det.scores[min(9, len(det.scores) - 1)])) if len(det.scores) else det.scores > 0
+    det = det._replace(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
+                       masks=det.masks[keep])
+    write_png(draw(image, det, 0.0, names), str(out_path))
     print(f"predictions on {image_path} drawn to {out_path}")
 
 

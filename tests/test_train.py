@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from htc_fast import train, training
 from htc_fast.config import TrainConfig, get_config
-from htc_fast.model.htc import HTC
+from htc_fast.model.checkpoint import load_checkpoint
+from htc_fast.model.htc import HTC, build_htc
 
 
 def test_lr_schedule_warmup_and_steps():
@@ -37,6 +38,9 @@ def test_builtin_default_runs_end_to_end(tmp_path, capsys):
     assert ckpt is not None and ckpt.name == "iter_0000003.pth"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 3  # 3 logged iterations + evaluations
+    # A training checkpoint loads back as model weights (torch.load with weights_only=True).
+    report = load_checkpoint(build_htc(get_config("htc_tiny")), ckpt)
+    assert report.ok and report.source == "htc_fast"
 
 
 def _final_params(work_dir):

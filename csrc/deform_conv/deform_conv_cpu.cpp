@@ -188,16 +188,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const std::optional<at::Tensor>& mask, const ConvShape& s) {
   using T = at::opmath_type<scalar_t>;
   const auto acc = input.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t G = s.groups, K = s.taps(), P = s.positions();
-  const int64_t rows_g = s.channels_per_group() * K, cout_g = s.out_channels_per_group();
-  const at::Tensor x = input.contiguous(), off = offset.contiguous();
-  const at::Tensor msk = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const at::Tensor go = grad.contiguous().view({s.batch, G, cout_g, P});
-  const at::Tensor w_t = weight.to(acc).reshape({G, cout_g, rows_g}).transpose(1, 2);
-  at::Tensor grad_weight = at::zeros({G, cout_g, rows_g}, acc);
-  at::Tensor grad_input = at::zeros({s.batch, s.channels, s.height, s.width}, acc);
-  at::Tensor grad_offset = at::zeros_like(off);
-  at::Tensor grad_mask = msk.defined() ? at::zeros_like(msk) : at::empty({0}, off.options());
+  const int64_t G = s.groups, K = s.taps(), P = s.positions(), rows_g = s.channels_per_group() * K;
+  const BackwardState b = backward_state(grad, input, weight, offset, mask, s, c10::CppTypeToScalarType<T>::value);
+  const at::Tensor &x = b.x, &off = b.off, &msk = b.msk, &go = b.go, &w_t = b.w_t;
+  at::Tensor grad_input = b.grad_input, grad_weight = b.grad_weight, grad_offset = b.grad_offset,
+             grad_mask = b.grad_mask;
   const int64_t tile = tile_positions(s, kColumnBudget);
   at::Tensor columns = at::empty({s.channels * K, tile}, acc);
   std::vector<Sample<T>> samples;
@@ -247,8 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
   check_grad(grad, input, s, op);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   if (s.batch == 0) {
-    return {at::zeros_like(input), at::zeros_like(weight), at::zeros_like(offset),
-            mask.has_value() ? at::zeros_like(*mask) : at::empty({0}, offset.options())};
+    return empty_batch_grads(input, weight, offset, mask);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward", [&] {
     out = backward_impl<scalar_t>(grad, input, weight, offset, mask, s);

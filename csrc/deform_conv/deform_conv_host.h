@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 #include "deform_conv/deform_conv_common.h"
@@ -78,6 +79,40 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& input, const Co
               op, ": grad must be ", input.scalar_type(), " of shape (", s.batch, ", ", s.out_channels, ", ",
               s.out_h, ", ", s.out_w, "), got ", grad.scalar_type(), " ", grad.sizes());
   check_same_device(grad, input, op, "grad", "input");
+}
+
+// What a backward pass works on, shared by the CPU and CUDA kernels: the inputs made contiguous,
+// grad viewed per group (N, G, Co/G, P), the weights transposed per group (G, C/G * K, Co/G), and
+// zeroed gradient buffers in the accumulation type `acc` (grad_mask is (0,) without a mask).
+struct BackwardState {
+  at::Tensor x, off, msk, go, w_t;
+  at::Tensor grad_input, grad_weight, grad_offset, grad_mask;
+};
+
+inline BackwardState backward_state(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                    const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                                    const ConvShape& s, at::ScalarType acc) {
+  const auto opts = input.options().dtype(acc);
+  const int64_t rows_g = s.channels_per_group() * s.taps(), cout_g = s.out_channels_per_group();
+  BackwardState b;
+  b.x = input.contiguous();
+  b.off = offset.contiguous();
+  b.msk = mask.has_value() ? mask->contiguous() : at::Tensor();
+  b.go = grad.contiguous().view({s.batch, s.groups, cout_g, s.positions()});
+  b.w_t = weight.to(acc).reshape({s.groups, cout_g, rows_g}).transpose(1, 2);
+  b.grad_input = at::zeros({s.batch, s.channels, s.height, s.width}, opts);
+  b.grad_weight = at::zeros({s.groups, cout_g, rows_g}, opts);
+  b.grad_offset = at::zeros_like(b.off);
+  b.grad_mask = b.msk.defined() ? at::zeros_like(b.msk) : at::empty({0}, b.off.options());
+  return b;
+}
+
+// The gradients returned for an empty batch.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_batch_grads(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask) {
+  return {at::zeros_like(input), at::zeros_like(weight), at::zeros_like(offset),
+          mask.has_value() ? at::zeros_like(*mask) : at::empty({0}, offset.options())};
 }
 
 // Output positions per column tile: the (C * K, tile) column matrix of one image holds at most
