@@ -34,7 +34,7 @@ def _cases(config):
     for device in _devices(config):
         for dtype in (["fp32", "bf16"] if device == "cuda" else ["fp32"]):
             for impl in ("reference", "default"):
-                out.append(pytest.param(device, dtype, impl, id=f"{device}-{dtype}-{impl}"))
+                out.append(pytest.param((device, dtype, impl), id=f"{device}-{dtype}-{impl}"))
     return out
 
 
