@@ -156,3 +156,13 @@ def test_predict_with_non_finite_input_gives_no_detections(bad):
     batch = ImageBatch(images, batch.image_shapes, batch.scale_factors, batch.original_shapes)
     for d in model.predict(batch, masks=None):
         assert len(d.boxes) == 0 or torch.isfinite(d.boxes).all()
+
+
+def test_no_proposals_gives_empty_detections():
+    model = tiny_model().eval()
+    batch, _ = tiny_batch()
+    with torch.no_grad():
+        feats = model.features(batch.images)
+        dets = model.roi_head.predict(feats, [torch.zeros(0, 4)] * 2, batch.image_shapes, batch.scale_factors)
+    for d in dets:
+        assert d.boxes.shape == (0, 4) and d.scores.shape == (0,) and d.mask_probs.shape == (0, 28, 28)
