@@ -1,12 +1,15 @@
 """The public ops of htc_fast. Each takes ``backend=`` ("reference", "cpp", "triton");
 ``use_backend(...)`` sets a default for a block of code; ``DEFAULT_BACKENDS`` is the table."""
 from htc_fast.ops._backend import BACKENDS, DEFAULT_BACKENDS, use_backend
+from htc_fast.ops._debug import debug_checks
+from htc_fast.ops._errors import OpArgumentError, OpTypeError, RoiBoxesError, RoiBoxesTypeError
 from htc_fast.ops.deform_conv import deform_conv2d
 from htc_fast.ops.mask_paste import htc_mask_probs, paste_masks
 from htc_fast.ops.mask_rle import paste_masks_rle
 from htc_fast.ops.nms import MulticlassNMSResult, batched_nms, multiclass_nms, nms
 from htc_fast.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
 
-__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "use_backend", "roi_align", "multilevel_roi_align",
+__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "use_backend", "debug_checks", "OpArgumentError", "OpTypeError",
+           "RoiBoxesError", "RoiBoxesTypeError", "roi_align", "multilevel_roi_align",
            "map_roi_levels", "nms", "batched_nms", "multiclass_nms", "MulticlassNMSResult",
            "deform_conv2d", "paste_masks", "paste_masks_rle", "htc_mask_probs"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend
+from htc_fast.ops import _backend, _debug
 from htc_fast.ops.reference import mask_paste as _ref
 
 __all__ = ["paste_masks", "htc_mask_probs"]
@@ -69,6 +69,7 @@ def htc_mask_probs(stage_logits, labels):
 
     Returns:
         (N, M, M) float32 probabilities: (sigmoid(l_0) + ... + sigmoid(l_{S-1})) / S in float32.
+        A label outside [0, C) gives an all-zero mask (``debug_checks`` turns it into an error).
     """
     stage_logits = list(stage_logits)
     if not stage_logits:
@@ -88,13 +89,18 @@ def htc_mask_probs(stage_logits, labels):
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
     if labels.device != first.device:
         raise ValueError(f"htc_mask_probs: labels are on {labels.device} but the logits on {first.device}")
-    if not torch.compiler.is_compiling() and labels.numel() and bool(
-            ((labels < 0) | (labels >= first.shape[1])).any()):
-        raise ValueError(f"htc_mask_probs: labels must be in [0, {first.shape[1]})")
+    num_classes = first.shape[1]
+    valid = (labels >= 0) & (labels < num_classes)
+    if _debug.enabled():
+        _debug.check(~valid, lambda i: f"htc_mask_probs: labels[{i}] = {int(labels[i])} is not a class in "
+                                       f"[0, {num_classes}) (debug check)")
+    # Out-of-range labels gather class 0 (an in-bounds read: no device assert) and are zeroed below.
+    safe = torch.where(valid, labels, 0).long()
     rows = torch.arange(first.shape[0], device=first.device)
     # torch.stack(...).mean(0): the arithmetic of mmdetection's merge, so the result is bit-equal
     # to its merged masks (scripts/compare_oracle.py).
-    return torch.stack([t[rows, labels.long()].float().sigmoid() for t in stage_logits]).mean(0)
+    merged = torch.stack([t[rows, safe].float().sigmoid() for t in stage_logits]).mean(0)
+    return torch.where(valid[:, None, None], merged, 0.0)
 
 
 # ----------------------------------------------------------------------------- argument checks

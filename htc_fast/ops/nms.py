@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend
+from htc_fast.ops import _backend, _debug
 from htc_fast.ops.reference import nms as _ref
 
 __all__ = ["nms", "batched_nms", "multiclass_nms", "MulticlassNMSResult"]
@@ -108,8 +108,10 @@ def multiclass_nms(boxes, scores, score_threshold, iou_threshold, max_per_image,
         raise ValueError(f"multiclass_nms: boxes must be ({n}, 4) or ({n}, {num_classes}, 4) for scores "
                          f"{tuple(scores.shape)}, got {tuple(boxes.shape)}")
     flat_scores = scores[:, :num_classes].reshape(-1)
-    if not torch.compiler.is_compiling() and bool(torch.isnan(flat_scores).any()):
-        raise ValueError("multiclass_nms: scores contain NaN; their order (and so the result) is undefined")
+    if _debug.enabled():
+        _debug.check(torch.isnan(flat_scores), lambda i: f"multiclass_nms: scores[{i // num_classes}, "
+                     f"{i % num_classes}] is NaN (debug check; without it a NaN score is never above "
+                     "score_threshold, so the pair is dropped)")
     candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
     rows, labels = candidates // num_classes, candidates % num_classes
     # Class-agnostic boxes are gathered by row: no (N, C, 4) copy.
@@ -143,8 +145,9 @@ def _check(boxes, scores, idxs):
             raise TypeError(f"{where}: idxs must be an integer tensor, got {idxs.dtype}")
         if idxs.device != boxes.device:
             raise ValueError(f"{where}: idxs are on {idxs.device} but boxes are on {boxes.device}")
-    if not torch.compiler.is_compiling() and bool(torch.isnan(scores).any()):
-        raise ValueError(f"{where}: scores contain NaN; their order (and so the result) is undefined")
+    if _debug.enabled():
+        _debug.check(torch.isnan(scores), lambda i: f"{where}: scores[{i}] is NaN (debug check; without "
+                     "it NaN scores rank above every number)")
 
 
 def _triton():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend
+from htc_fast.ops import _backend, _debug
 from htc_fast.ops.reference import roi_align as _ref
 
 __all__ = ["roi_align", "multilevel_roi_align", "map_roi_levels"]
@@ -43,7 +43,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     out_h, out_w = _pair(output_size, "output_size")
     _check_features(input, "input")
     rois = _as_rois(boxes, input)
-    _check_rois(rois, input, input.shape[0])
+    _check_rois(rois, input.shape[0])
     spatial_scale = float(spatial_scale)
     sampling_ratio = int(sampling_ratio)
     aligned = bool(aligned)
@@ -94,7 +94,7 @@ def multilevel_roi_align(features, rois, output_size, *, strides=(4, 8, 16, 32),
     if not (finest_scale > 0 and math.isfinite(finest_scale)):
         raise ValueError(f"multilevel_roi_align: finest_scale must be positive, got {finest_scale}")
     rois = _as_rois(rois, features[0])
-    _check_rois(rois, features[0], features[0].shape[0])
+    _check_rois(rois, features[0].shape[0])
     scales = [1.0 / float(s) for s in strides]
     chosen = _backend.resolve("multilevel_roi_align", features[0].device.type, backend)
     args = (rois, scales, out_h, out_w, int(sampling_ratio), bool(aligned), float(finest_scale))
@@ -158,15 +158,16 @@ def _geometry_dtype(features):
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
-def _check_rois(rois, features, batch_size):
-    """Batch indices must be integers in [0, N). Costs one host sync on CUDA; skipped when tracing."""
-    if rois.shape[0] == 0 or torch.compiler.is_compiling():
+def _check_rois(rois, batch_size):
+    """Debug check (``htc_fast.ops.debug_checks``; one host sync): batch indices are integers in
+    [0, N). Without it a fractional index is truncated toward zero and an index outside [0, N)
+    (or NaN) pools zeros, on every backend."""
+    if not _debug.enabled():
         return
     idx = rois[:, 0]
-    bad = (idx < 0) | (idx >= batch_size) | (idx != idx.floor())
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"rois[{first}, 0] = {idx[first].item()} is not a batch index in [0, {batch_size})")
+    _debug.check((idx < 0) | (idx >= batch_size) | (idx != idx.floor()),
+                 lambda i: f"rois[{i}, 0] = {idx[i].item()} is not a batch index in [0, {batch_size}) "
+                           "(debug check)")
 
 
 def _triton():
