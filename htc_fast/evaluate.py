@@ -106,7 +106,7 @@ def _init_distributed(device: Optional[str]) -> torch.device:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m htc_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="htc_r50_fpn_1x")
-    p.add_argument("--checkpoint", help="mmdetection or htc_fast checkpoint (default: random weights)")
+    p.add_argument("--checkpoint", help="checkpoint path, URL or 'released' (default: random weights)")
     p.add_argument("--data-root", required=True, help="COCO folder (annotations/, val2017/)")
     p.add_argument("--ann-file", help="default DATA_ROOT/annotations/instances_val2017.json")
     p.add_argument("--img-dir", help="default DATA_ROOT/val2017")
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     from htc_fast.config import get_config
     from htc_fast.model.checkpoint import load_checkpoint
     from htc_fast.model.htc import build_htc
+    from htc_fast.weights import resolve_weights
 
     root = Path(args.data_root)
     ann_file = Path(args.ann_file or root / "annotations" / "instances_val2017.json")
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
             print("warning: no --checkpoint: the model has random weights", file=sys.stderr)
         model = build_htc(cfg).eval()
         if args.checkpoint is not None:
-            load_checkpoint(model, args.checkpoint)
+            load_checkpoint(model, resolve_weights(args.checkpoint, cfg))
         model.to(device)
         with contextlib.redirect_stdout(sys.stderr if rank == 0 else io.StringIO()):
             coco_gt = COCO(str(ann_file))

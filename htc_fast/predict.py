@@ -23,6 +23,7 @@ from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import Detections
 from htc_fast.preprocess import ImageLike, as_image_tensor, make_batch
+from htc_fast.weights import resolve_weights
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,7 +33,8 @@ class Predictor:
 
     Args:
         config: a preset name (see htc_fast.config.PRESETS); overrides: "dotted.path=value" items.
-        checkpoint: mmdetection or htc_fast checkpoint path; None keeps random weights.
+        checkpoint: mmdetection or htc_fast checkpoint: a path, a URL, or "released" (the
+            preset's released checkpoint, downloaded once); None keeps random weights.
         device: "cpu", "cuda", ...; default cuda if available.
         amp: None, "bf16" or "fp16": autocast on CUDA (features in low precision, boxes in fp32).
     """
@@ -43,7 +45,8 @@ class Predictor:
         self.cfg = get_config(config, overrides)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_htc(self.cfg).eval()
-        self.report = None if checkpoint is None else load_checkpoint(self.model, checkpoint)
+        self.report = None if checkpoint is None else load_checkpoint(
+            self.model, resolve_weights(checkpoint, self.cfg))
         self.model.to(self.device)
         self.amp = amp
 
@@ -97,7 +100,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m htc_fast.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--config", default="htc_r50_fpn_1x")
-    p.add_argument("--checkpoint", help="mmdetection or htc_fast checkpoint (default: random weights)")
+    p.add_argument("--checkpoint", help="checkpoint path, URL or 'released' (default: random weights)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES))

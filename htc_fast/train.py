@@ -2,7 +2,7 @@
 
     python -m htc_fast.train                                    # built-in default (see below)
     python -m htc_fast.train --config htc_r50_fpn_1x --data-root data/coco \\
-        --backbone-weights resnet50-0676ba61.pth                # the real thing, one process
+        --backbone-weights imagenet                             # the real thing, one process
     torchrun --nproc_per_node 8 -m htc_fast.train --config htc_r50_fpn_1x --data-root data/coco
 
 Built-in default (no --config, no --data-root): writes a small synthetic COCO-format dataset
@@ -30,6 +30,7 @@ from htc_fast import training
 from htc_fast.config import get_config
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
+from htc_fast.weights import resolve_weights
 
 # The built-in run: htc_tiny on 96 synthetic 96x128 images, 2 per iteration, from scratch (no
 # ImageNet weights), so a higher lr than 0.02/16 per image and a short warm-up.
@@ -48,8 +49,9 @@ def parse_args(argv):
     p.add_argument("--work-dir", help="checkpoints, metrics.jsonl, pictures (default work_dirs/<config>)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="typed config override")
     p.add_argument("--resume", action="store_true", help="continue from the work dir's latest checkpoint")
-    p.add_argument("--load-from", help="start from these weights (mmdetection or htc_fast checkpoint)")
-    p.add_argument("--backbone-weights", help="torchvision ImageNet ResNet/ResNeXt weights for the backbone")
+    p.add_argument("--load-from", help="start from these weights: checkpoint path, URL or 'released'")
+    p.add_argument("--backbone-weights", help="ImageNet backbone weights: 'imagenet' (the preset's), "
+                   "torchvision://resnet50, open-mmlab://resnext101_64x4d, ..., a URL or a path")
     p.add_argument("--max-iters", type=int, help="stop after this many iterations in total")
     p.add_argument("--semantic", choices=["stuff_maps", "from_instances", "off"],
                    help="semantic labels (default: stuff maps if the config has a semantic head)")
@@ -96,10 +98,10 @@ def main(argv=None):
 
     model = build_htc(cfg)
     if args.backbone_weights:
-        report = load_checkpoint(model, args.backbone_weights, source="torchvision")
+        report = load_checkpoint(model, resolve_weights(args.backbone_weights, cfg), source="torchvision")
         say(d, f"backbone weights: {report.loaded} tensors from {args.backbone_weights}")
     if args.load_from:
-        say(d, load_checkpoint(model, args.load_from).describe())
+        say(d, load_checkpoint(model, resolve_weights(args.load_from, cfg)).describe())
     model.to(d.device)
     optimizer = training.build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(d.device.type) if args.amp == "fp16" else None

@@ -212,3 +212,19 @@ def test_tables_cover_the_presets():
     assert names["htc_x101_32x4d_fpn_16x1_20e"] == "open-mmlab://resnext101_32x4d"
     assert names["htc_x101_64x4d_fpn_dconv_c3_c5_mstrain_400_1400_16x1_20e"] == \
         "open-mmlab://resnext101_64x4d"
+
+
+def test_predictor_takes_released_and_urls(server, tmp_path, tiny_checkpoint, monkeypatch):
+    from htc_fast.predict import Predictor
+
+    state, data = tiny_checkpoint
+    url = server.add("/" + _named("htc_tiny_coco_20200101", data), data)
+    monkeypatch.setitem(RELEASED, "htc_tiny", ReleasedCheckpoint(url, 0.0, 0.0))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # the default cache: <TORCH_HOME>/hub/checkpoints
+    for checkpoint in ("released", url):
+        predictor = Predictor("htc_tiny", checkpoint=checkpoint, device="cpu")
+        assert predictor.report.ok
+        torch.testing.assert_close(predictor.model.state_dict()["rpn_head.rpn_cls.weight"],
+                                   state["rpn_head.rpn_cls.weight"], rtol=0, atol=0)
+    assert len(server.hits) == 1
+    assert (tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]).is_file()
