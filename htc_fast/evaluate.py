@@ -1,15 +1,20 @@
-"""COCO bbox and segm AP of a model: ``evaluate_model`` (called by training) and
-``python -m htc_fast.evaluate``.
+"""COCO bbox and segm AP of a model: ``python -m htc_fast.evaluate``.
 
     python -m htc_fast.evaluate --config htc_r50_fpn_1x --checkpoint htc_r50_fpn_1x_coco.pth \\
-        --data-root data/coco --out results.json
+        --data-root data/coco --batch-size 4 --out results.json
     torchrun --nproc_per_node 8 -m htc_fast.evaluate --config ... --checkpoint ... --data-root ...
 
 reads DIR/annotations/instances_val2017.json and DIR/val2017/ (override with --ann-file and
---img-dir), runs the model with the test-time preprocessing of ``htc_fast.predict`` (one image at a
-time, masks pasted straight to RLE), prints COCOeval's summary and a table, and writes the metrics
-and every detection in COCO's result format to --out. Under torchrun (WORLD_SIZE > 1) rank r takes
-images r, r + world_size, ...; results are gathered on rank 0, which evaluates and writes.
+--img-dir), runs the model with mmdetection's test-time preprocessing in batches of --batch-size
+(images decoded ahead by --workers loader processes; masks pasted straight to RLE), prints
+COCOeval's summary and a table, and writes the metrics and every detection in COCO's result
+format to --out. An image that cannot be read is skipped with a warning naming it; the table and
+--out count and list the skipped images (they are left out of the AP), and the exit status stays 0.
+Under torchrun (WORLD_SIZE > 1) each rank takes a contiguous shard of the images; results are
+gathered on rank 0, which evaluates and writes.
+
+The helpers live in ``htc_fast.evaluation``; ``evaluate_model``, ``run_inference`` and
+``coco_images`` are re-exported here for existing callers.
 """
 import argparse
 import contextlib
@@ -17,76 +22,16 @@ import io
 import json
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from htc_fast.evaluation import IOU_TYPES, CocoEvaluator, EvalResult, format_table
-from htc_fast.preprocess import make_batch
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _rank_and_world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def run_inference(model, images: Sequence[Tuple[Union[str, Path], int]], evaluator: CocoEvaluator, device, *,
-                  scale=(1333, 800), amp: Optional[str] = None, with_masks: bool = True,
-                  progress: bool = True) -> None:
-    """Run ``model.predict`` on this rank's share of ``images`` ((path, image id) pairs: images
-    rank::world_size) one at a time and add the detections to ``evaluator``. The model is put in
-    eval mode and back in its previous mode; a DDP wrapper is looked through."""
-    if amp not in (None, *AMP_DTYPES):
-        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    net = model.module if hasattr(model, "module") and not hasattr(model, "predict") else model
-    device = torch.device(device)
-    rank, world = _rank_and_world()
-    mine = list(images)[rank::world]
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
-    was_training = net.training
-    net.eval()
-    start = time.time()
-    try:
-        for n, (path, image_id) in enumerate(mine, 1):
-            batch = make_batch([path], scale, device=device)
-            with torch.no_grad(), autocast:
-                det = net.predict(batch, masks="rle" if with_masks else None)[0]
-            evaluator.add(image_id, det)
-            if progress and rank == 0 and (n == len(mine) or n % 20 == 0 or n == 1):
-                rate = n / max(time.time() - start, 1e-9)
-                print(f"\r[rank 0: {n}/{len(mine)}, {world} ranks] {rate:.2f} images/s", end="",
-                      file=sys.stderr, flush=True)
-    finally:
-        net.train(was_training)
-    if progress and rank == 0:
-        print(file=sys.stderr)
-
-
-def evaluate_model(model, image_paths_and_ids: Sequence[Tuple[Union[str, Path], int]], coco_gt, device, *,
-                   scale=(1333, 800), amp: Optional[str] = None, iou_types: Sequence[str] = IOU_TYPES,
-                   per_category: bool = False, verbose: bool = True, progress: bool = True
-                   ) -> Optional[EvalResult]:
-    """COCO AP of ``model`` on ``image_paths_and_ids`` ((path, COCO image id) pairs, e.g.
-    ``coco_images(coco_gt, img_dir)``) against ``coco_gt`` (a pycocotools COCO). scale: the test
-    scale (cfg.data.test_scale). Under torch.distributed every rank must call it (each runs its
-    share); rank 0 gets the EvalResult, the other ranks None."""
-    evaluator = CocoEvaluator(coco_gt)
-    run_inference(model, image_paths_and_ids, evaluator, device, scale=scale, amp=amp,
-                  with_masks="segm" in iou_types, progress=progress)
-    return evaluator.evaluate(iou_types, per_category=per_category, verbose=verbose)
-
-
-def coco_images(coco_gt, img_dir: Union[str, Path], limit: Optional[int] = None):
-    """(path, image id) of the annotation file's images in id order, the first ``limit`` of them."""
-    ids = sorted(coco_gt.getImgIds())[:limit]
-    return [(Path(img_dir) / coco_gt.imgs[i]["file_name"], i) for i in ids]
+from htc_fast.evaluation import (IOU_TYPES, CocoEvaluator, coco_images, evaluate_model, format_table,  # noqa: F401
+                                 rank_and_world, run_inference)
+from htc_fast.inference import AMP_DTYPES, prepare_model
 
 
 def _init_distributed(device: Optional[str]) -> torch.device:
@@ -114,10 +59,22 @@ def main(argv=None) -> int:
     p.add_argument("--per-category", action="store_true", help="also print AP per category")
     p.add_argument("--device")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES))
-    p.add_argument("--limit", type=int, help="evaluate only the first N images (by id)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="evaluate only the first N images by id (N >= 1; default all)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per model call (default 1)")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: the preset's workers_per_gpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, FPN and heads")
+    p.add_argument("--channels-last", action="store_true", help="run the convolutions in channels-last layout")
     p.add_argument("--out", help="write metrics and detections (COCO result format) to this JSON file")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="config override")
     args = p.parse_args(argv)
+    # --limit 0 or -1 would silently evaluate no image or all but the last (a Python slice): refuse.
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1 (leave it out to evaluate every image), got {args.limit}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
 
     from pycocotools.coco import COCO
 
@@ -135,7 +92,7 @@ def main(argv=None) -> int:
         p.error(f"image folder not found: {img_dir}")
     started_dist = not dist.is_initialized()
     device = _init_distributed(args.device)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     try:
         cfg = get_config(args.config, args.set)
         if args.checkpoint is None and rank == 0:
@@ -143,22 +100,23 @@ def main(argv=None) -> int:
         model = build_htc(cfg).eval()
         if args.checkpoint is not None:
             load_checkpoint(model, resolve_weights(args.checkpoint, cfg))
-        model.to(device)
+        model = prepare_model(model.to(device), compile=args.compile, channels_last=args.channels_last)
         with contextlib.redirect_stdout(sys.stderr if rank == 0 else io.StringIO()):
             coco_gt = COCO(str(ann_file))
         images = coco_images(coco_gt, img_dir, args.limit)
         if rank == 0:
             print(f"{len(images)} images from {img_dir} on {world} rank(s), device {device}", file=sys.stderr)
         evaluator = CocoEvaluator(coco_gt)
+        workers = cfg.data.workers_per_gpu if args.workers is None else args.workers
         run_inference(model, images, evaluator, device, scale=cfg.data.test_scale, amp=args.amp,
-                      with_masks="segm" in args.iou_types)
+                      with_masks="segm" in args.iou_types, batch_size=args.batch_size, workers=workers)
         result = evaluator.evaluate(args.iou_types, per_category=args.per_category)
         if rank != 0:
             return 0
         print(format_table(result, per_category=args.per_category))
         if args.out:
             out = {"config": args.config, "checkpoint": args.checkpoint, "ann_file": str(ann_file),
-                   "num_images": result.num_images, "metrics": result.as_dict(),
+                   "num_images": result.num_images, "skipped": list(result.skipped), "metrics": result.as_dict(),
                    **{t: asdict(getattr(result, t)) for t in args.iou_types},
                    "results": {t: evaluator.coco_results(t) for t in args.iou_types}}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

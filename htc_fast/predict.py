@@ -1,14 +1,16 @@
 """Inference on images: the ``Predictor`` API and ``python -m htc_fast.predict``.
 
     python -m htc_fast.predict --config htc_r50_fpn_1x --checkpoint htc_r50_fpn_1x_coco.pth \\
-        photo1.jpg photo2.jpg --out results/
+        photo1.jpg photos/ --out results/ --batch-size 4
 
 writes ``results/<name>.png`` (the image with masks, boxes and class names drawn) and
 ``results/<name>.json`` (every detection: box in original pixels, score, label, class name and
-COCO RLE mask). An mmdetection checkpoint loads as it is.
+COCO RLE mask) for each image given and each image file directly inside each folder given (sorted
+by name). Images are decoded ahead by --workers loader processes and run --batch-size at a time;
+an unreadable image is reported and skipped (exit status 1 when any was). An mmdetection
+checkpoint loads as it is.
 """
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -19,13 +21,14 @@ import torch
 
 from htc_fast.coco_classes import COCO_CLASSES
 from htc_fast.config import get_config
+from htc_fast.evaluation.coco_format import encode_masks
+from htc_fast.inference import (AMP_DTYPES, build_inference_loader, check_amp, collate_images, list_images,
+                                predict_batches, prepare_image, prepare_model)
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import Detections
-from htc_fast.preprocess import ImageLike, as_image_tensor, make_batch
+from htc_fast.preprocess import ImageLike
 from htc_fast.weights import resolve_weights
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Predictor:
@@ -37,26 +40,32 @@ class Predictor:
             preset's released checkpoint, downloaded once); None keeps random weights.
         device: "cpu", "cuda", ...; default cuda if available.
         amp: None, "bf16" or "fp16": autocast on CUDA (features in low precision, boxes in fp32).
+        compile: torch.compile the backbone, FPN and heads (htc_fast.model.acceleration).
+        channels_last: run the convolutions in channels-last memory format.
     """
 
-    def __init__(self, config="htc_r50_fpn_1x", checkpoint=None, device=None, amp=None, overrides=()):
-        if amp not in (None, *AMP_DTYPES):
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    def __init__(self, config="htc_r50_fpn_1x", checkpoint=None, device=None, amp=None, overrides=(), *,
+                 compile: bool = False, channels_last: bool = False):
+        check_amp(amp)
         self.cfg = get_config(config, overrides)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_htc(self.cfg).eval()
         self.report = None if checkpoint is None else load_checkpoint(
             self.model, resolve_weights(checkpoint, self.cfg))
-        self.model.to(self.device)
+        self.model = prepare_model(self.model.to(self.device), compile=compile, channels_last=channels_last)
         self.amp = amp
 
     def __call__(self, images: Sequence[ImageLike], masks: Optional[str] = "bitmap") -> List[Detections]:
-        """Detections per image (original pixels); masks: "bitmap", "rle" or None."""
-        batch = make_batch(images, self.cfg.data.test_scale, device=self.device)
-        autocast = torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp \
-            else contextlib.nullcontext()
-        with autocast:
-            return self.model.predict(batch, masks=masks)
+        """Detections per image (original pixels), the images run as one batch (padded to the
+        largest); masks: "bitmap", "rle" or None. A missing, corrupt or too thin image raises a
+        FileNotFoundError / ValueError naming it."""
+        if len(images) == 0:
+            raise ValueError("Predictor needs at least one image")
+        scale = self.cfg.data.test_scale
+        prepared = [prepare_image(image, scale, key=i, name=str(image) if isinstance(image, (str, Path))
+                                  else f"images[{i}]") for i, image in enumerate(images)]
+        batch = collate_images(prepared, self.cfg.data.mean, self.cfg.data.std, self.cfg.data.pad_size_divisor)
+        return next(predict_batches(self.model, [batch], self.device, amp=self.amp, masks=masks))[1]
 
 
 def class_name(label: int, names=COCO_CLASSES) -> str:
@@ -82,54 +91,75 @@ def draw(image: torch.Tensor, det: Detections, score_thr: float, names=COCO_CLAS
 
 def to_json(det: Detections) -> list:
     """One dict per detection: bbox [x1, y1, x2, y2], score, label, category, segmentation (RLE)."""
-    import numpy as np
-    from pycocotools import mask as mask_utils
-
+    rles = encode_masks(det.masks) if det.masks is not None else None
     out = []
-    for i in range(len(det.scores)):
-        item = {"bbox": [round(v, 3) for v in det.boxes[i].tolist()], "score": round(det.scores[i].item(), 5),
-                "label": int(det.labels[i]), "category": class_name(int(det.labels[i]))}
-        if det.masks is not None:
-            rle = mask_utils.encode(np.asfortranarray(det.masks[i].cpu().numpy().astype(np.uint8)))
-            item["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+    for i, (box, score, label) in enumerate(zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())):
+        item = {"bbox": [round(v, 3) for v in box], "score": round(score, 5), "label": label,
+                "category": class_name(label)}
+        if rles is not None:
+            item["segmentation"] = rles[i]
         out.append(item)
     return out
 
 
+def _output_stem(out_dir: Path, path: Path, used: set) -> Path:
+    """out_dir/<file stem>, or <file name> when another input already took that stem (a.jpg and a.png)."""
+    stem = path.stem if path.stem not in used else path.name
+    while stem in used:
+        stem = "_" + stem
+    used.add(stem)
+    return out_dir / stem
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m htc_fast.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files and folders (every image file directly inside)")
     p.add_argument("--config", default="htc_r50_fpn_1x")
     p.add_argument("--checkpoint", help="checkpoint path, URL or 'released' (default: random weights)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES))
+    p.add_argument("--batch-size", type=int, default=1, help="images per model call (default 1)")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: the preset's workers_per_gpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, FPN and heads")
+    p.add_argument("--channels-last", action="store_true", help="run the convolutions in channels-last layout")
     p.add_argument("--show-thr", type=float, default=0.3, help="draw detections scoring at least this")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="config override")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    try:
+        paths = list_images(args.images)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.checkpoint is None:
         print("warning: no --checkpoint: the model has random weights", file=sys.stderr)
-    predictor = Predictor(args.config, args.checkpoint, args.device, args.amp, args.set)
+    predictor = Predictor(args.config, args.checkpoint, args.device, args.amp, args.set, compile=args.compile,
+                          channels_last=args.channels_last)
+    data = predictor.cfg.data
+    loader = build_inference_loader([(path, path) for path in paths], data.test_scale, batch_size=args.batch_size,
+                                    workers=data.workers_per_gpu if args.workers is None else args.workers,
+                                    keep_original=True, mean=data.mean, std=data.std,
+                                    size_divisor=data.pad_size_divisor)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    failed = 0
-    for n, path in enumerate(args.images, 1):
-        try:
-            image = as_image_tensor(path)
-            det = predictor([image])[0]
-        except (OSError, ValueError) as exc:  # a bad file is reported; the others still run
-            failed += 1
-            print(f"\nskipped {path}: {exc}", file=sys.stderr)
-            continue
-        from torchvision.io import write_png
+    from torchvision.io import write_png
 
-        stem = out_dir / Path(path).stem
-        write_png(draw(image, det, args.show_thr), str(stem) + ".png")
-        stem.with_suffix(".json").write_text(json.dumps({"image": str(path), "detections": to_json(det)}))
-        rate = n / max(time.time() - start, 1e-9)
-        print(f"\r[{n}/{len(args.images)}] {rate:.2f} images/s  {path}: {len(det.scores)} detections",
-              end="", file=sys.stderr, flush=True)
+    start, done, failed, used = time.time(), 0, 0, set()
+    for batch, dets in predict_batches(predictor.model, loader, predictor.device, amp=predictor.amp,
+                                       masks="bitmap"):
+        for bad in batch.unreadable:  # reported; the other images still run
+            failed += 1
+            print(f"\nskipped {bad}", file=sys.stderr)
+        for image, det in zip(batch.images, dets):
+            stem = _output_stem(out_dir, image.key, used)
+            write_png(draw(image.original, det, args.show_thr), str(stem) + ".png")
+            stem.with_suffix(".json").write_text(json.dumps({"image": str(image.key), "detections": to_json(det)}))
+        done += len(batch.images) + len(batch.unreadable)
+        rate = done / max(time.time() - start, 1e-9)
+        print(f"\r[{done}/{len(paths)}] {rate:.2f} images/s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return 1 if failed else 0
 
