@@ -41,28 +41,11 @@ NUM_DETECTIONS, MASK_SIZE, THRESHOLD = 100, 28, 0.5
 SHAPES = {"1333x800": (800, 1333), "640x480": (480, 640)}  # name -> (height, width)
 
 
-# ----------------------------------------------------------------------------- parametrization
+# ----------------------------------------------------------------------------- cases
+# conftest's ``bench_cases`` marker parametrizes ``device, dtype, impl, direction`` from these;
+# pasting is inference only, so every test asks for ``directions=("fwd",)``.
 
-def paste_cases(cases):
-    """Attach `cases(device) -> [(dtype, impl)]` to a bench test (see pytest_generate_tests)."""
-    def mark(test):
-        test.paste_cases = cases
-        return test
-    return mark
-
-
-def pytest_generate_tests(metafunc):
-    """``device, dtype, impl, direction`` with conftest's ids ([cpu-fp32-cpp-fwd]), fwd only (as
-    bench_nms.py: conftest's ``bench_cases`` would add backward directions an inference op lacks)."""
-    cases = getattr(metafunc.function, "paste_cases", None)
-    if cases is None:
-        return
-    value = metafunc.config.getoption("bench_devices")
-    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if value == "auto"
-               else [d.strip() for d in value.split(",") if d.strip()])
-    metafunc.parametrize("device,dtype,impl,direction", [
-        pytest.param(device, dtype, impl, "fwd", id=f"{device}-{dtype}-{impl}-fwd")
-        for device in devices for dtype, impl in cases(device)])
+FWD = ("fwd",)
 
 
 def dense_cases(device):
@@ -199,7 +182,7 @@ def _run(bench_case, forward, *, op, case, impl, device, dtype, baseline, check,
 # ----------------------------------------------------------------------------- benchmarks
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@paste_cases(dense_cases)
+@pytest.mark.bench_cases(cases=dense_cases, directions=FWD)
 def test_paste_masks(bench_case, device, dtype, impl, direction, shape):
     _require(impl, device)
     height, width = SHAPES[shape]
@@ -228,7 +211,7 @@ def test_paste_masks(bench_case, device, dtype, impl, direction, shape):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@paste_cases(rle_cases)
+@pytest.mark.bench_cases(cases=rle_cases, directions=FWD)
 def test_paste_masks_rle(bench_case, device, dtype, impl, direction, shape):
     _require(impl, device)
     mask_util()

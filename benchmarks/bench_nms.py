@@ -49,31 +49,11 @@ NUM_CLASSES = 80
 HTC_TEST = dict(score_threshold=0.001, iou_threshold=0.5, max_per_image=100)
 
 
-# ----------------------------------------------------------------------------- parametrization
+# ----------------------------------------------------------------------------- cases
+# conftest's ``bench_cases`` marker parametrizes ``device, dtype, impl, direction`` from these;
+# NMS returns integer indices (no gradient), so every test asks for ``directions=("fwd",)``.
 
-def nms_cases(cases):
-    """Attach `cases(device) -> [(dtype, impl)]` to a bench test (see pytest_generate_tests)."""
-    def mark(test):
-        test.nms_cases = cases
-        return test
-    return mark
-
-
-def pytest_generate_tests(metafunc):
-    """``device, dtype, impl, direction`` with conftest's ids ([cpu-fp32-cpp-fwd]), fwd only.
-
-    Not conftest's ``bench_cases`` marker: it generates bwd and fwd+bwd for every case, which NMS
-    (integer indices, no gradient) would have to skip. Devices follow ``--bench-devices`` as there.
-    """
-    cases = getattr(metafunc.function, "nms_cases", None)
-    if cases is None:
-        return
-    value = metafunc.config.getoption("bench_devices")
-    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if value == "auto"
-               else [d.strip() for d in value.split(",") if d.strip()])
-    metafunc.parametrize("device,dtype,impl,direction", [
-        pytest.param(device, dtype, impl, "fwd", id=f"{device}-{dtype}-{impl}-fwd")
-        for device in devices for dtype, impl in cases(device)])
+FWD = ("fwd",)
 
 
 def _impls(device, loop, reference):
@@ -239,7 +219,7 @@ def _run(bench_case, forward, *, op, case, impl, device, dtype, threshold, expec
 
 # ----------------------------------------------------------------------------- benchmarks
 
-@nms_cases(rpn_level_cases)
+@pytest.mark.bench_cases(cases=rpn_level_cases, directions=FWD)
 def test_nms_rpn_level(bench_case, device, dtype, impl, direction):
     _require(impl, device)
     boxes, scores, levels = (t.to(device) for t in rpn_proposals("train"))
@@ -255,7 +235,7 @@ def test_nms_rpn_level(bench_case, device, dtype, impl, direction):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-@nms_cases(rpn_cases)
+@pytest.mark.bench_cases(cases=rpn_cases, directions=FWD)
 def test_batched_nms_rpn(bench_case, device, dtype, impl, direction, split):
     _require(impl, device)
     boxes, scores, levels = (t.to(device) for t in rpn_proposals(split))
@@ -265,7 +245,7 @@ def test_batched_nms_rpn(bench_case, device, dtype, impl, direction, split):
          expected=expected, num_boxes=len(scores), boxes_per_level=list(RPN_LEVEL_SIZES[split]))
 
 
-@nms_cases(final_cases)
+@pytest.mark.bench_cases(cases=final_cases, directions=FWD)
 def test_batched_nms_final(bench_case, device, dtype, impl, direction):
     _require(impl, device)
     boxes, scores, labels = (t.to(device) for t in final_pairs()[:3])
@@ -275,7 +255,7 @@ def test_batched_nms_final(bench_case, device, dtype, impl, direction):
          expected=expected, num_boxes=len(scores), num_kept=len(expected))
 
 
-@nms_cases(multiclass_cases)
+@pytest.mark.bench_cases(cases=multiclass_cases, directions=FWD)
 def test_multiclass_nms_final(bench_case, device, dtype, impl, direction):
     _require(impl, device)
     boxes, scores = (t.to(device) for t in final_detections())

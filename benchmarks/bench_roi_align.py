@@ -34,6 +34,7 @@ import torchvision
 
 import htc_fast.ops
 from htc_fast.ops import _backend
+from tests.ops.test_multilevel_roi_align import mmdet_levels, per_level_torchvision
 
 IMAGE_H, IMAGE_W = 800, 1344  # HTC's 1333x800, padded to a multiple of 32
 CHANNELS = 256
@@ -126,25 +127,10 @@ def _torchvision_dtypes(device):
     return tuple(ok)
 
 
-def _level_of(rois):
-    """mmdetection's map_roi_levels, written out: floor(log2(sqrt(w*h) / 56 + 1e-6)) in [0, 3]."""
-    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    level = torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6))
-    return level.clamp(0, len(FPN_STRIDES) - 1).long()
-
-
-def per_level_loop(features, rois, output_size):
-    """The FPN extractor as mmdetection's SingleRoIExtractor runs it: one boolean mask per level,
-    ``nonzero`` (a host sync on CUDA), torchvision on that level's RoIs, scatter into the output.
-    Rois go to the features' dtype because torchvision requires it (fp16 boxes under AMP)."""
-    level = _level_of(rois)
-    out = features[0].new_zeros(rois.shape[0], features[0].shape[1], output_size, output_size)
-    for i, (feat, stride) in enumerate(zip(features, FPN_STRIDES)):
-        inds = (level == i).nonzero().squeeze(1)
-        if inds.numel() > 0:
-            out[inds] = torchvision.ops.roi_align(feat, rois[inds].to(feat.dtype), output_size,
-                                                  1.0 / stride, 0, True)
-    return out
+# The per-level baseline is the test suite's oracle, mmdetection's SingleRoIExtractor loop: one
+# boolean mask per level (a host sync on CUDA), torchvision on that level's RoIs, a scatter into
+# the output; rois go to the features' dtype per call because torchvision requires it (fp16
+# boxes under AMP, the trap htc_fast avoids).
 
 
 # ----------------------------------------------------------------------------- cases
@@ -235,7 +221,8 @@ def test_multilevel_roi_align_box(bench_case, device, dtype, impl, direction):
     size = BOX["output_size"]
     if impl == "torchvision-loop":
         def forward():
-            return per_level_loop(feats, rois, size)
+            return per_level_torchvision(feats, rois, (size, size), FPN_STRIDES, 0, True,
+                                         FINEST_SCALE)
     else:
         def forward():
             return htc_fast.ops.multilevel_roi_align(feats, rois, size, strides=FPN_STRIDES,
@@ -248,4 +235,5 @@ def test_multilevel_roi_align_box(bench_case, device, dtype, impl, direction):
         extra_info=dict(op="multilevel_roi_align", case="fpn box", impl=impl, dtype=dtype,
                         role=_role(impl, dtype), features=[list(f.shape) for f in feats],
                         num_rois=BOX["num_rois"], output_size=size, sampling_ratio=0, aligned=True,
-                        rois_per_level=torch.bincount(_level_of(rois), minlength=4).tolist()))
+                        rois_per_level=torch.bincount(mmdet_levels(rois, 4, FINEST_SCALE).long(),
+                                                       minlength=4).tolist()))

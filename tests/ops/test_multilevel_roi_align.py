@@ -28,15 +28,17 @@ def mmdet_levels(rois, num_levels, finest_scale=56.0):
 
 def per_level_torchvision(features, rois, output_size, strides, sampling_ratio, aligned, finest_scale=56.0):
     """(K, C, PH, PW): mmdetection's loop over levels with boolean masks. RoIs with a non-finite
-    coordinate are left at zero (the spec): torchvision's kernel crashes on them."""
+    coordinate are left at zero (the spec): torchvision's kernel crashes on them. Levels come
+    from `rois` as given; each call gets them in the features' dtype, as torchvision requires
+    (benchmarks/bench_roi_align.py times this loop as the baseline in fp16 too)."""
     levels = mmdet_levels(rois, len(features), finest_scale)
     levels[~torch.isfinite(rois).all(1)] = -1
     out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *output_size))
     for lvl, (feat, stride) in enumerate(zip(features, strides)):
         mask = levels == lvl
         if mask.any():
-            out[mask] = torchvision.ops.roi_align(feat, rois[mask], output_size, 1.0 / stride,
-                                                  sampling_ratio, aligned)
+            out[mask] = torchvision.ops.roi_align(feat, rois[mask].to(feat.dtype), output_size,
+                                                  1.0 / stride, sampling_ratio, aligned)
     return out
 
 
