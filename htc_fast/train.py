@@ -10,11 +10,15 @@ Built-in default (no --config, no --data-root): writes a small synthetic COCO-fo
 directory, evaluates the untrained `htc_tiny` model, trains it for a few minutes on whatever
 device there is, evaluates again, and writes a checkpoint and a picture of its predictions.
 
-The loop: SGD (lr per 16 images, scaled linearly by the global batch), linear warm-up by
-iteration, step decay by epoch; optional autocast (bf16/fp16) and gradient clipping; checkpoints
-written atomically every --ckpt-interval iterations and at each epoch end; --resume continues
-from the latest one exactly where it stopped (same batches, same random state); evaluation at
-each epoch end; a NaN/inf loss stops the run naming the iteration and the last good checkpoint.
+The loop: fused SGD (lr per 16 images, scaled linearly by the global batch), linear warm-up by
+iteration, step decay by epoch; optional autocast (bf16/fp16), gradient clipping, torch.compile
+and channels-last; checkpoints written atomically every --ckpt-interval iterations and at each
+epoch end, the last --keep-checkpoints kept; --resume continues from the latest one exactly where
+it stopped (same batches, same random state); evaluation at each epoch end. Between two log lines
+the loop never waits for the device: losses are summed on it and read at log lines, where a
+NaN/inf loss stops the run naming the iteration window and the last good checkpoint. Images that
+cannot be read are skipped (the dataset warns naming the file) and counted in the run summary.
+The helpers live in htc_fast/engine/ (schedule, checkpoints, distributed, feed, metrics, loop).
 """
 import argparse
 import contextlib
@@ -24,10 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
-from htc_fast import training
 from htc_fast.config import get_config
+from htc_fast.engine import (Checkpoints, MetricLog, Progress, SkippedImages, TrainingDiverged, TrainLoop,
+                             build_optimizer, build_run_loader, default_workers, init_distributed,
+                             latest_checkpoint, read_resume_state, set_rng_state)
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.weights import resolve_weights
@@ -36,10 +41,7 @@ from htc_fast.weights import resolve_weights
 # ImageNet weights), so a higher lr than 0.02/16 per image and a short warm-up.
 BUILTIN_OVERRIDES = ("train.epochs=6", "train.lr_steps=(5,)", "train.lr=0.16", "train.warmup_iters=30")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+__all__ = ["main", "TrainingDiverged"]
 
 
 def parse_args(argv):
@@ -57,29 +59,27 @@ def parse_args(argv):
                    help="semantic labels (default: stuff maps if the config has a semantic head)")
     p.add_argument("--amp", choices=sorted(AMP), help="autocast dtype (CUDA: bf16 or fp16; CPU: bf16)")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, FPN and heads")
+    p.add_argument("--channels-last", action="store_true", help="channels-last (NHWC) parameters and activations")
     p.add_argument("--device", help="cpu or cuda (default cuda when available)")
-    p.add_argument("--workers", type=int, help="data loader processes per rank")
+    p.add_argument("--workers", type=int, help="data loader processes per rank (default: the cores this rank "
+                   "may use minus one, at most 8; 0 for presets that load in-process, like htc_tiny)")
+    p.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker loads ahead")
     p.add_argument("--log-interval", type=int, default=20)
     p.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N iterations")
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="keep the last N iteration checkpoints (0: all); the one --resume uses is never deleted")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluations")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N val images only")
     p.add_argument("--tensorboard", action="store_true")
-    return p.parse_args(argv)
-
-
-class SkipBatches:
-    """The batch sampler's batches after the first `skip` (a resumed epoch's remaining batches)."""
-
-    def __init__(self, sampler, skip):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        for i, batch in enumerate(self.sampler):
-            if i >= self.skip:
-                yield batch
-
-    def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
+    args = p.parse_args(argv)
+    for name in ("log_interval", "prefetch_factor"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("ckpt_interval", "keep_checkpoints", "workers", "max_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    return args
 
 
 def main(argv=None):
@@ -89,82 +89,58 @@ def main(argv=None):
         raise SystemExit("give both --config and --data-root, or neither (the built-in run)")
     overrides = (list(BUILTIN_OVERRIDES) if builtin else []) + list(args.set)
     cfg = get_config(args.config or "htc_tiny", overrides)
-    d = training.init_distributed(args.device)
+    d = init_distributed(args.device)
     torch.manual_seed(cfg.train.seed + d.rank)
     work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name)
     work_dir.mkdir(parents=True, exist_ok=True)
     data_root, splits = prepare_data(builtin, args, work_dir, d)
     train_set, loader, coco_gt, val_images = build_data(cfg, args, data_root, splits, d)
+    batches = loader.batch_sampler
+    steps_per_epoch = batches.steps_per_epoch()
 
-    model = build_htc(cfg)
-    if args.backbone_weights:
-        report = load_checkpoint(model, resolve_weights(args.backbone_weights, cfg), source="torchvision")
-        say(d, f"backbone weights: {report.loaded} tensors from {args.backbone_weights}")
-    if args.load_from:
-        say(d, load_checkpoint(model, resolve_weights(args.load_from, cfg)).describe())
-    model.to(d.device)
-    optimizer = training.build_optimizer(model, cfg.train)
+    model = build_model(cfg, args, d)
+    optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(d.device.type) if args.amp == "fp16" else None
-    progress = training.Progress()
-    last_ckpt = resume(args, work_dir, model, optimizer, scaler, progress, d)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda"
-                                                    else None) if d.world_size > 1 else model
+    progress = Progress()
+    checkpoints = Checkpoints(work_dir, cfg.name, overrides, keep=args.keep_checkpoints)
+    checkpoints.last = resume(args, work_dir, model, optimizer, scaler, progress, d)
+    net = wrap(model, args, d)
     total_batch = cfg.train.images_per_gpu * d.world_size
     base_lr = cfg.train.scaled_lr(total_batch)
-    total_iters = min(args.max_iters or 10 ** 12, cfg.train.epochs * len(loader.batch_sampler))
-    log = training.MetricLog(work_dir, args.log_interval, total_iters, total_batch, args.tensorboard and d.main)
-    say(d, f"{cfg.name}: {len(train_set)} training images, {len(loader.batch_sampler)} iterations per epoch, "
-           f"{d.world_size} process(es) on {d.device}, lr {base_lr:g} for {total_batch} images per step")
+    total_iters = min(args.max_iters if args.max_iters is not None else 10 ** 12, cfg.train.epochs * steps_per_epoch)
+    log = MetricLog(work_dir, total_iters, total_batch, args.tensorboard) if d.main else None
+    skipped = SkippedImages(train_set, batches)
+    say(d, f"{cfg.name}: {len(train_set)} training images, {steps_per_epoch} iterations per epoch, "
+           f"{d.world_size} process(es) on {d.device}, {loader.num_workers} loader worker(s) each, "
+           f"lr {base_lr:g} for {total_batch} images per step")
     untrained = last_eval = None
     if builtin and progress.iteration == 0 and not args.no_eval:
         untrained = maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, "untrained")
-    autocast = torch.autocast(d.device.type, dtype=AMP[args.amp]) if args.amp else contextlib.nullcontext()
+
+    loop = TrainLoop(net, model, optimizer, cfg.train, base_lr=base_lr, total_iters=total_iters, d=d,
+                     progress=progress, checkpoints=checkpoints, log=log, log_interval=args.log_interval,
+                     ckpt_interval=args.ckpt_interval, amp=AMP.get(args.amp), scaler=scaler,
+                     clip_grad=args.clip_grad, skipped=skipped)
     start = time.time()
     model.train()
-    while progress.iteration < total_iters and progress.epoch < cfg.train.epochs:
-        loader.batch_sampler.set_epoch(progress.epoch)
-        # Its own generator: creating the iterator must not draw from the global RNG, whose state
-        # the checkpoints carry (the RoI samplers draw from it), or a resumed run would diverge.
-        epoch_loader = DataLoader(train_set, batch_sampler=SkipBatches(loader.batch_sampler, progress.step),
-                                  num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                                  pin_memory=loader.pin_memory,
-                                  generator=torch.Generator().manual_seed(cfg.train.seed + progress.epoch))
-        for batch in epoch_loader:
-            inputs, targets = batch.to(d.device, non_blocking=True)
-            lr = base_lr * training.lr_factor(progress.iteration, progress.epoch, cfg.train)
-            training.set_lr(optimizer, lr)
-            with autocast:
-                loss = net(inputs, targets)
-            total = loss.total()
-            if not torch.isfinite(total):
-                raise TrainingDiverged(f"the loss is {total.item()} at iteration {progress.iteration + 1}; "
-                                       f"last good checkpoint: {last_ckpt or 'none written yet'}")
-            optimizer.zero_grad(set_to_none=True)
-            step(total, optimizer, scaler, model, args.clip_grad)
-            progress.iteration += 1
-            progress.step += 1
-            values = training.reduce_mean({k: float(v.detach()) for k, v in loss.as_dict().items()}, d)
-            if d.main:
-                log.maybe_log(progress, values, lr, d.device)
-            if args.ckpt_interval and progress.iteration % args.ckpt_interval == 0 and d.main:
-                last_ckpt = training.write_checkpoint(work_dir, model, optimizer, progress, cfg.name, overrides, scaler)
-            if progress.iteration >= total_iters and progress.step < len(loader.batch_sampler):
-                break  # --max-iters ends the run inside an epoch
-        else:  # the epoch ran to its end
-            progress.epoch += 1
-            progress.step = 0
-            if d.main:
-                last_ckpt = training.write_checkpoint(work_dir, model, optimizer, progress, cfg.name, overrides,
-                                                      scaler)
+    while not loop.finished:
+        batches.start_epoch(progress.epoch, skip=progress.step)
+        epoch_ended = loop.run_epoch(loader, steps_per_epoch)
+        if not epoch_ended and not loop.finished:
+            raise RuntimeError(f"the loader ended epoch {progress.epoch} after {progress.step} of "
+                               f"{steps_per_epoch} batches")
+        if epoch_ended:
+            progress.next_epoch()
+            loop.checkpoint()
             if not args.no_eval:
                 last_eval = maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress,
                                            f"epoch {progress.epoch}")
                 model.train()
-            continue
-        break
-    if d.main and progress.step:  # stopped inside an epoch: save where
-        last_ckpt = training.write_checkpoint(work_dir, model, optimizer, progress, cfg.name, overrides, scaler)
-    say(d, f"trained {progress.iteration} iterations in {time.time() - start:.0f} s; checkpoint {last_ckpt}")
+    if progress.step and loop.checkpointed_at != progress.iteration:  # stopped inside an epoch: save where
+        loop.checkpoint()
+    say(d, f"trained {progress.iteration} iterations in {time.time() - start:.0f} s; checkpoint "
+           f"{checkpoints.last}; {skipped.summary()}")
+
     if builtin and not args.no_eval:
         trained = last_eval if progress.step == 0 and last_eval is not None else \
             maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, "trained")
@@ -178,20 +154,31 @@ def main(argv=None):
     return 0
 
 
-def step(total, optimizer, scaler, model, clip_grad):
-    """Backward and one optimizer step (loss scaling for fp16, optional gradient-norm clipping)."""
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-    else:
-        total.backward()
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+def build_model(cfg, args, d):
+    """The HTC model on its device: weights loaded, channels-last if asked."""
+    model = build_htc(cfg)
+    if args.backbone_weights:
+        report = load_checkpoint(model, resolve_weights(args.backbone_weights, cfg), source="torchvision")
+        say(d, f"backbone weights: {report.loaded} tensors from {args.backbone_weights}")
+    if args.load_from:
+        say(d, load_checkpoint(model, resolve_weights(args.load_from, cfg)).describe())
+    model.to(d.device)
+    if args.channels_last:
+        from htc_fast.model.acceleration import to_channels_last
+
+        to_channels_last(model)
+    return model
+
+
+def wrap(model, args, d):
+    """What the loop calls: the model compiled in place if asked, in DDP with several processes."""
+    if args.compile:
+        from htc_fast.model.acceleration import compile_model
+
+        compile_model(model)
+    if d.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
 
 
 def prepare_data(builtin, args, work_dir, d):
@@ -216,8 +203,9 @@ def build_data(cfg, args, root, splits, d):
     from htc_fast.evaluate import coco_images
 
     train_set = coco_train_dataset(root, cfg, split=splits[0], semantic=args.semantic)
-    loader = build_train_loader(train_set, cfg, cfg.train.images_per_gpu, d.rank, d.world_size, cfg.train.seed,
-                                workers=args.workers)
+    workers = default_workers(cfg.data.workers_per_gpu) if args.workers is None else args.workers
+    grouped = build_train_loader(train_set, cfg, cfg.train.images_per_gpu, d.rank, d.world_size, cfg.train.seed)
+    loader = build_run_loader(train_set, grouped, workers, d.device, cfg.train.seed, args.prefetch_factor)
     coco_gt, val_images = None, []
     ann = root / "annotations" / f"instances_{splits[1]}.json"
     if not args.no_eval and ann.is_file():
@@ -231,18 +219,18 @@ def resume(args, work_dir, model, optimizer, scaler, progress, d):
     """Loads the latest checkpoint of work_dir into the run when --resume; returns its path."""
     if not args.resume:
         return None
-    path = training.latest_checkpoint(work_dir)
+    path = latest_checkpoint(work_dir)
     if path is None:
         say(d, f"--resume: no checkpoint in {work_dir}; starting from scratch")
         return None
-    state = training.read_resume_state(path)
+    state = read_resume_state(path)
     load_checkpoint(model, {"model": state["model"], "meta": state.get("meta", {})}, source="htc_fast")
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     for key, value in state["progress"].items():
         setattr(progress, key, value)
-    training.set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     torch.manual_seed(torch.initial_seed() + d.rank) if d.rank else None
     say(d, f"resumed from {path} at iteration {progress.iteration} (epoch {progress.epoch}, step {progress.step})")
     return path
@@ -257,7 +245,7 @@ def maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, what):
                             progress=False)
     if d.main and result is not None:
         print(f"evaluation ({what}): bbox AP {result.bbox.AP:.4f}, mask AP {result.segm.AP:.4f}", flush=True)
-        log.log_eval(progress, {f"{what} {k}": v for k, v in result.as_dict().items()})
+        log.log_eval(progress.iteration, progress.epoch, {f"{what} {k}": v for k, v in result.as_dict().items()})
     return result
 
 

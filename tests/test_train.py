@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from htc_fast import train, training
+from htc_fast import engine, train
 from htc_fast.config import TrainConfig, get_config
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import HTC, build_htc
@@ -18,12 +18,12 @@ from htc_fast.model.htc import HTC, build_htc
 
 def test_lr_schedule_warmup_and_steps():
     cfg = TrainConfig(warmup_iters=500, warmup_ratio=0.001, epochs=12, lr_steps=(8, 11))
-    assert training.lr_factor(0, 0, cfg) == pytest.approx(0.001)
-    assert training.lr_factor(250, 0, cfg) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert training.lr_factor(500, 0, cfg) == 1.0
-    assert training.lr_factor(10 ** 5, 7, cfg) == 1.0
-    assert training.lr_factor(10 ** 5, 8, cfg) == pytest.approx(0.1)
-    assert training.lr_factor(10 ** 5, 11, cfg) == pytest.approx(0.01)
+    assert engine.lr_factor(0, 0, cfg) == pytest.approx(0.001)
+    assert engine.lr_factor(250, 0, cfg) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert engine.lr_factor(500, 0, cfg) == 1.0
+    assert engine.lr_factor(10 ** 5, 7, cfg) == 1.0
+    assert engine.lr_factor(10 ** 5, 8, cfg) == pytest.approx(0.1)
+    assert engine.lr_factor(10 ** 5, 11, cfg) == pytest.approx(0.01)
     assert TrainConfig(num_gpus=8, images_per_gpu=2).scaled_lr() == pytest.approx(0.02)
     assert TrainConfig().scaled_lr(4) == pytest.approx(0.005)
 
@@ -34,7 +34,7 @@ def test_builtin_default_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "built-in run: bbox AP" in out
     assert (tmp_path / "predictions.png").is_file()
-    ckpt = training.latest_checkpoint(tmp_path)
+    ckpt = engine.latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.name == "iter_0000003.pth"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 3  # 3 logged iterations + evaluations
@@ -44,7 +44,7 @@ def test_builtin_default_runs_end_to_end(tmp_path, capsys):
 
 
 def _final_params(work_dir):
-    state = torch.load(training.latest_checkpoint(work_dir), weights_only=False)
+    state = torch.load(engine.latest_checkpoint(work_dir), weights_only=False)
     return state["model"], state["progress"]
 
 
@@ -74,8 +74,14 @@ def test_diverging_loss_stops_with_the_last_checkpoint(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(HTC, "forward", forward)
-    with pytest.raises(train.TrainingDiverged, match=r"iteration 3; last good checkpoint: .*iter_0000002\.pth"):
-        train.main(["--work-dir", str(tmp_path), "--max-iters", "5", "--no-eval", "--ckpt-interval", "1"])
+    # Checkpoints every 2 iterations, log lines every 4: iteration 3's NaN is found at the checkpoint
+    # of iteration 4 (the first read of the device after it), which is not written.
+    with pytest.raises(train.TrainingDiverged, match=r"between iterations 3 and 4; last good checkpoint: "
+                                                     r".*iter_0000002\.pth"):
+        train.main(["--work-dir", str(tmp_path), "--max-iters", "8", "--no-eval", "--ckpt-interval", "2",
+                    "--log-interval", "4"])
+    assert engine.latest_checkpoint(tmp_path).name == "iter_0000002.pth"
+    assert not (tmp_path / "iter_0000004.pth").exists()
 
 
 def _free_port():
@@ -88,7 +94,7 @@ def _ddp_worker(rank, world, port, work_dir, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    d = training.init_distributed("cpu")
+    d = engine.init_distributed("cpu")
     from htc_fast.data import build_train_loader
     from htc_fast.data.synthetic import make_synthetic_coco
     from htc_fast.data import coco_train_dataset
@@ -102,8 +108,8 @@ def _ddp_worker(rank, world, port, work_dir, out):
     torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts rank 0's)
     model = HTC(cfg.model)
     net = torch.nn.parallel.DistributedDataParallel(model)
-    opt = training.build_optimizer(model, cfg.train)
-    training.set_lr(opt, 0.01)
+    opt = engine.build_optimizer(model, cfg.train)
+    engine.set_lr(opt, 0.01)
     batch = next(iter(loader))
     inputs, targets = batch
     loss = net(inputs, targets).total()
