@@ -294,7 +294,7 @@ class HTCConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: one per row of the model table in HTC_SPEC.md
+# Presets: one per row of the model table in docs/model.md
 
 
 def htc_r50_fpn_1x() -> HTCConfig:

@@ -1,4 +1,4 @@
-"""Test-time preprocessing as mmdetection does it for HTC (HTC_SPEC.md step 1): resize keeping
+"""Test-time preprocessing as mmdetection does it for HTC (docs/model.md step 1): resize keeping
 the aspect ratio into (1333, 800), normalise with ImageNet's RGB statistics, pad bottom/right to
 a multiple of 32. Turns image files or uint8 arrays into an ``ImageBatch``.
 

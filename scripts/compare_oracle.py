@@ -26,8 +26,10 @@ Builds `build_htc(get_config("htc_r50_fpn_1x"))`, loads the oracle's state dict 
              losses and sampler calls (forward only). Sampler calls are recorded by wrapping
              RandomSampler.sample (pass-through instrumentation; the real code runs).
 
-Produce the data first (see /work/shared/oracle/README.md), then:
-    python scripts/compare_oracle.py [--images 0 1] [--skip-train] [--device cpu]
+Produce the data first with the oracle project (its README: it builds mmdetection 3.3.0 on CPU
+and exports the state dict and reference data), then:
+    python scripts/compare_oracle.py --oracle-out DIR --state-dict FILE [--images 0 1] [--skip-train]
+(or set HTC_FAST_ORACLE_OUT and HTC_FAST_ORACLE_STATE_DICT instead of the two options).
 Exit status 0 when every check passes, 1 otherwise. About 1-1.5 min per image and 3-4 min for
 the training checks on 2 busy CPU cores (7.5 min in all) (`--cache DIR` keeps FPN features between runs while
 iterating; the FPN check still runs on the cached features).
@@ -387,8 +389,12 @@ def compare_grads(rep, model, ref, oracle_out):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--oracle-out", default="/work/oracle_out")
-    parser.add_argument("--state-dict", default="/work/oracle_sd/htc_r50_state_dict.pth")
+    parser.add_argument("--oracle-out", default=os.environ.get("HTC_FAST_ORACLE_OUT"),
+                        required="HTC_FAST_ORACLE_OUT" not in os.environ,
+                        help="the oracle's output folder (default: $HTC_FAST_ORACLE_OUT)")
+    parser.add_argument("--state-dict", default=os.environ.get("HTC_FAST_ORACLE_STATE_DICT"),
+                        required="HTC_FAST_ORACLE_STATE_DICT" not in os.environ,
+                        help="the oracle's exported state dict (default: $HTC_FAST_ORACLE_STATE_DICT)")
     parser.add_argument("--images", type=int, nargs="*", default=[0, 1], help="test images to check (none: [])")
     parser.add_argument("--skip-train", action="store_true", help="skip the training checks")
     parser.add_argument("--skip-backward", action="store_true",

@@ -114,7 +114,7 @@ def match_sets(ours_boxes, ours_scores, ref_boxes, ref_scores, box_tol=1e-3):
 
 def paste_masks(probs, boxes, img_h, img_w, thr=0.5):
     """mmdetection 3.3.0's FCNMaskHead._do_paste_mask on CPU (one box at a time, skip_empty),
-    thresholded >= thr: /work/shared/oracle/consume_reference_example.py, verbatim semantics."""
+    thresholded >= thr: the semantics of the oracle project's consume_reference_example.py."""
     out = torch.zeros(len(boxes), img_h, img_w, dtype=torch.bool)
     for i in range(len(boxes)):
         box = boxes[i:i + 1].float()

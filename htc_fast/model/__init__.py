@@ -1,4 +1,5 @@
-"""The HTC model as plain nn.Modules composed by direct calls (see DESIGN.md section 3).
+"""The HTC model as plain nn.Modules composed by direct calls (docs/model.md; the layers:
+docs/architecture.md).
 
 Parameter names follow mmdetection's HTC state-dict keys, so released checkpoints load through
 `load_checkpoint` without a key map.

@@ -1,10 +1,11 @@
 """RPN post-processing: from objectness logits and deltas to proposals, per image.
 
-mmdetection's ``RPNHead._predict_by_feat_single`` + ``_bbox_post_process`` (HTC_SPEC step 4):
-per level, the ``nms_pre`` highest sigmoid scores (all when the level has no more); decode them
-against their anchors, clip to the image; concatenate the levels; drop boxes with width or
-height ``<= min_bbox_size``; NMS per level (the level is the group) at ``iou_threshold``; keep
-the ``max_per_img`` best. HTC test: 1000 / 1000, train: 2000 / 2000, IoU 0.7, min size 0.
+mmdetection's ``RPNHead._predict_by_feat_single`` + ``_bbox_post_process`` (docs/model.md,
+test-time data flow, step 4). Per level, the ``nms_pre`` highest sigmoid scores (all when the
+level has no more); decode them against their anchors, clip to the image; concatenate the
+levels; drop boxes with width or height ``<= min_bbox_size``; NMS per level (the level is the
+group) at ``iou_threshold``; keep the ``max_per_img`` best. HTC test: 1000 / 1000, train: 2000 /
+2000, IoU 0.7, min size 0.
 
 Proposals carry no gradient (mmdet detaches the RPN outputs before post-processing).
 Does not own the network (``rpn_head.py``) or the training targets (``rpn_loss.py``).

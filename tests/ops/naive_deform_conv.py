@@ -1,7 +1,7 @@
 """The independent oracle for deformable-convolution tests, and the random inputs the tests feed
 every backend.
 
-``naive_deform_conv2d`` is written from the semantics (KERNELS.md "Deformable convolution",
+``naive_deform_conv2d`` is written from the semantics (docs/ops.md "deform_conv2d",
 csrc/deform_conv/deform_conv_common.h) with explicit Python loops over n, co, ho, wo, c, i, j and a
 scalar bilinear interpolation -- nothing shared with the reference's vectorised gathers. The
 sampling position is computed in the geometry type T (float32, float64 for float64 features) with
