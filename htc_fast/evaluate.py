@@ -110,7 +110,11 @@ def main(argv=None) -> int:
         workers = cfg.data.workers_per_gpu if args.workers is None else args.workers
         run_inference(model, images, evaluator, device, scale=cfg.data.test_scale, amp=args.amp,
                       with_masks="segm" in args.iou_types, batch_size=args.batch_size, workers=workers)
-        result = evaluator.evaluate(args.iou_types, per_category=args.per_category)
+        try:
+            result = evaluator.evaluate(args.iou_types, per_category=args.per_category)
+        except ValueError as exc:  # e.g. every image was unreadable: say so without a traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         if rank != 0:
             return 0
         print(format_table(result, per_category=args.per_category))

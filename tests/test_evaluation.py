@@ -262,11 +262,13 @@ def _distributed_worker(rank, world, init_file, out_file):
         ev = CocoEvaluator(coco)
         for image_id in sorted(coco.getImgIds())[rank::world]:
             ev.add(image_id, gt_detections(coco, image_id, shift=0.1, keep=lambda a: a["id"] % 3 != 0))
+        if rank == 1:  # an unreadable image is reported by the rank that met it
+            ev.skip(999, "missing.jpg: image file not found")
         result = ev.evaluate(per_category=True, verbose=False)
         if rank == 0:
             Path(out_file).write_text(json.dumps({"bbox": result.bbox.stats, "segm": result.segm.stats,
                                                   "rows": [r.AP for r in result.segm.per_category],
-                                                  "num_images": result.num_images}))
+                                                  "num_images": result.num_images, "skipped": result.skipped}))
         else:
             assert result is None
     finally:
@@ -279,7 +281,7 @@ def test_all_gather_across_two_gloo_ranks_matches_one_process(coco, tmp_path):
     single = run(coco, lambda i: gt_detections(coco, i, shift=0.1, keep=lambda a: a["id"] % 3 != 0),
                  per_category=True)
     gathered = json.loads(out.read_text())
-    assert gathered["num_images"] == 8
+    assert gathered["num_images"] == 8 and gathered["skipped"] == ["missing.jpg: image file not found"]
     assert tuple(gathered["bbox"]) == single.bbox.stats and tuple(gathered["segm"]) == single.segm.stats
     assert gathered["rows"] == [r.AP for r in single.segm.per_category]
     assert 0 < single.bbox.AP < 1
@@ -332,3 +334,91 @@ def test_evaluate_command_end_to_end_on_real_images(tmp_path, capsys):
     assert result["results"]["segm"][0]["segmentation"]["size"] in ([500, 333], [334, 500])
     with pytest.raises(SystemExit):
         evaluate_cli.main(["--config", "htc_tiny", "--data-root", str(tmp_path)])  # no annotations there
+
+
+class BatchOracleModel(OracleModel):
+    """OracleModel for batches: the ground truth of the next len(batch) images, in batch order."""
+
+    def predict(self, batch, *, masks="bitmap"):
+        assert not self.training
+        out = []
+        for shape in batch.original_shapes:
+            image_id = self.queue.pop(0)
+            assert shape == (self.coco.imgs[image_id]["height"], self.coco.imgs[image_id]["width"])
+            self.calls.append((image_id, batch.images.shape[0]))
+            out.append(gt_detections(self.coco, image_id, masks="rle" if masks else None))
+        return out
+
+
+def test_evaluate_model_in_batches_skips_unreadable_images(coco, tmp_path):
+    images = coco_images(coco, DATA / "val2017")
+    readable = [(p, i) for p, i in images if p.is_file()]
+    assert len(readable) == 2
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    missing_id, broken_id = [i for _, i in images if i not in {j for _, j in readable}][:2]
+    order = [readable[0], (tmp_path / "missing.jpg", missing_id), (broken, broken_id), readable[1]]
+    model = BatchOracleModel(coco, [i for _, i in readable])
+    with pytest.warns(UserWarning, match="unreadable image") as caught:
+        result = evaluate_model(model, order, coco, "cpu", scale=(128, 96), batch_size=2, verbose=False,
+                                progress=False)
+    named = " ".join(str(w.message) for w in caught)
+    assert "missing.jpg" in named and "broken.jpg" in named
+    assert model.calls == [(readable[0][1], 1), (readable[1][1], 1)]  # each batch of 2 lost one image
+    assert result.num_images == 2 and result.bbox.AP == ONE and result.segm.AP == ONE
+    assert len(result.skipped) == 2 and any("broken.jpg" in s for s in result.skipped)
+    model = BatchOracleModel(coco, [i for _, i in readable])
+    result = evaluate_model(model, readable, coco, "cpu", scale=(128, 96), batch_size=2, verbose=False,
+                            progress=False)
+    assert model.calls == [(readable[0][1], 2), (readable[1][1], 2)] and result.bbox.AP == ONE
+    assert result.skipped == ()
+
+
+def test_evaluate_command_skips_unreadable_images(tmp_path, capsys):
+    """coco_mini's six real images with one corrupted and one deleted: the other four are
+    evaluated in batches of 3, the two are named and counted; the exit status stays 0."""
+    import shutil
+
+    mini = Path(__file__).parent / "data" / "coco_mini"
+    img_dir = tmp_path / "val2017"
+    shutil.copytree(mini / "val2017", img_dir)
+    (img_dir / "000000011813.jpg").write_bytes(b"\xff\xd8\xff corrupt")
+    (img_dir / "000000117645.jpg").unlink()
+    out = tmp_path / "results.json"
+    with pytest.warns(UserWarning) as caught:
+        rc = evaluate_cli.main(["--config", "htc_tiny", "--data-root", str(tmp_path), "--ann-file",
+                                str(mini / "annotations" / "instances_val2017_mini.json"), "--img-dir", str(img_dir),
+                                "--device", "cpu", "--batch-size", "3", "--out", str(out)])
+    assert rc == 0
+    named = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert len(named) == 2 and any("000000011813.jpg" in m for m in named) and any("000000117645.jpg" in m for m in named)
+    assert "2 unreadable images skipped" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 4 and len(result["skipped"]) == 2
+    assert {r["image_id"] for r in result["results"]["bbox"]} <= {802, 34417, 165518, 181303}
+
+
+@pytest.mark.parametrize("args", [["--limit", "-1"], ["--limit", "0"], ["--batch-size", "0"], ["--workers", "-2"]])
+def test_evaluate_command_rejects_bad_numbers(args, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--config", "htc_tiny", "--data-root", str(DATA), "--device", "cpu", *args])
+    assert args[0] in capsys.readouterr().err
+
+
+def test_coco_images_limit(coco):
+    assert len(coco_images(coco, DATA / "val2017", limit=3)) == 3
+    assert len(coco_images(coco, DATA / "val2017")) == 8
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="limit"):
+            coco_images(coco, DATA / "val2017", limit=bad)
+
+
+def test_evaluate_command_fails_cleanly_when_no_image_is_readable(tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(DATA / "annotations", tmp_path / "annotations")
+    (tmp_path / "val2017").mkdir()  # the annotation file's images are all missing
+    with pytest.warns(UserWarning, match="unreadable"):
+        rc = evaluate_cli.main(["--config", "htc_tiny", "--data-root", str(tmp_path), "--limit", "3", "--device", "cpu"])
+    assert rc == 1
+    assert "no images were added (3 skipped as unreadable)" in capsys.readouterr().err

@@ -85,3 +85,69 @@ def test_predictor_bf16_autocast_keeps_boxes_fp32():
     assert torch.isfinite(det.boxes).all()
     with pytest.raises(ValueError, match="amp"):
         Predictor("htc_tiny", device="cpu", amp="int8")
+
+
+def test_predictor_names_a_too_thin_image(tmp_path):
+    from torchvision.io import write_png
+
+    thin = tmp_path / "thin.png"
+    write_png(torch.full((3, 1, 4000), 128, dtype=torch.uint8), str(thin))
+    predictor = Predictor("htc_tiny", device="cpu")
+    with pytest.raises(ValueError, match="thin.png.*1 x 4000"):
+        predictor([PHOTO, thin])
+    with pytest.raises(ValueError, match=r"images\[0\].*4000 x 1"):
+        predictor([torch.zeros(3, 4000, 1, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="at least one image"):
+        predictor([])
+
+
+def _detections_by_image(out_dir):
+    return {p.stem: json.loads(p.read_text())["detections"] for p in sorted(out_dir.glob("*.json"))}
+
+
+def test_predict_command_batches_folders_and_skips_bad_files(tmp_path, capsys):
+    """A folder of real photos (landscape only: each is padded to the same size alone and in a
+    batch, so batch-3 and batch-1 detections agree to rounding) plus an unreadable file and a too
+    thin one, in batches of 3 decoded by a worker process."""
+    import shutil
+
+    from torchvision.io import write_png
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("000000034417.jpg", "000000117645.jpg", "000000181303.jpg"):
+        shutil.copy(Path(__file__).parent / "data" / "coco_mini" / "val2017" / name, folder / name)
+    shutil.copy(PHOTO, folder / "rocket.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    write_png(torch.zeros(3, 1, 4000, dtype=torch.uint8), str(folder / "thin.png"))
+    common = ["--config", "htc_tiny", "--device", "cpu", "--show-thr", "0"]
+    torch.manual_seed(0)  # the same random weights for both runs
+    assert predict_cli.main([str(folder), "--out", str(tmp_path / "b3"), "--batch-size", "3", "--workers", "1",
+                             *common]) == 1  # two files were skipped
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'broken.jpg'}" in err and f"skipped {folder / 'thin.png'}" in err
+    batched = _detections_by_image(tmp_path / "b3")
+    assert sorted(batched) == ["000000034417", "000000117645", "000000181303", "rocket"]
+    assert all((tmp_path / "b3" / f"{stem}.png").is_file() for stem in batched)
+    torch.manual_seed(0)
+    assert predict_cli.main([str(folder), "--out", str(tmp_path / "b1"), "--batch-size", "1", *common]) == 1
+    single = _detections_by_image(tmp_path / "b1")
+    assert sorted(single) == sorted(batched)
+    for stem, want in single.items():
+        got = batched[stem]
+        assert len(want) > 0 and [d["label"] for d in got] == [d["label"] for d in want], stem
+        np.testing.assert_allclose([d["bbox"] for d in got], [d["bbox"] for d in want], atol=2e-3, rtol=0)
+        np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in want], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args, match", [(["--batch-size", "0"], "--batch-size"), (["--workers", "-1"], "--workers")])
+def test_predict_command_rejects_bad_numbers(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit):
+        predict_cli.main([str(PHOTO), "--config", "htc_tiny", "--out", str(tmp_path), *args])
+    assert match in capsys.readouterr().err
+
+
+def test_predict_command_refuses_an_empty_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        predict_cli.main([str(tmp_path), "--config", "htc_tiny", "--out", str(tmp_path / "out")])
+    assert "no image files" in capsys.readouterr().err
