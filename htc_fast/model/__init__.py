@@ -9,7 +9,8 @@ from htc_fast.model.checkpoint import (CheckpointMismatchError, LoadReport, load
                                        save_checkpoint)
 from htc_fast.model.fpn import FPN, ConvLayer, build_fpn
 from htc_fast.model.frozen_bn import FrozenBatchNorm2d
+from htc_fast.model.htc import HTC, build_htc
 
-__all__ = ["Bottleneck", "ResNet", "build_backbone", "FPN", "ConvLayer", "build_fpn",
-           "FrozenBatchNorm2d", "load_checkpoint", "save_checkpoint", "LoadReport",
+__all__ = ["HTC", "build_htc", "Bottleneck", "ResNet", "build_backbone", "FPN", "ConvLayer",
+           "build_fpn", "FrozenBatchNorm2d", "load_checkpoint", "save_checkpoint", "LoadReport",
            "CheckpointMismatchError"]
