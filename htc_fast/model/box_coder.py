@@ -13,7 +13,7 @@ results are bit-identical (tested against a float64 formula). No centre clamp (m
 ``add_ctr_clamp`` is only used by YOLOF).
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -62,7 +62,7 @@ def encode_boxes(boxes: Tensor, gt_boxes: Tensor, means: Sequence[float] = (0.0,
 
 def decode_boxes(boxes: Tensor, deltas: Tensor, means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
                  stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-                 max_shape: Optional[Tuple[int, int]] = None,
+                 max_shape: Union[Tuple[int, int], Tensor, None] = None,
                  wh_ratio_clip: float = 16 / 1000) -> Tensor:
     """Apply ``deltas`` to ``boxes`` (mmdet's ``delta2bbox``, ``clip_border=True``).
 
@@ -71,7 +71,8 @@ def decode_boxes(boxes: Tensor, deltas: Tensor, means: Sequence[float] = (0.0, 0
         deltas: (N, 4 * C) normalised deltas (C = 1 for class-agnostic regression); each group of 4
             is applied to the same source box.
         means, stds: the normalisation used by ``encode_boxes``.
-        max_shape: (H, W) of the image; when given, x is clipped to [0, W] and y to [0, H].
+        max_shape: (H, W) of the image; when given, x is clipped to [0, W] and y to [0, H]. Or an
+            (N, 2) tensor of each box's (H, W), to decode boxes of several images in one pass.
         wh_ratio_clip: dw and dh are clamped to ``[-|log r|, |log r|]``.
 
     Returns:
@@ -100,7 +101,12 @@ def decode_boxes(boxes: Tensor, deltas: Tensor, means: Sequence[float] = (0.0, 0
     gwh = pwh * dwh.exp()
     x1y1 = gxy - gwh * 0.5
     x2y2 = gxy + gwh * 0.5
-    if max_shape is not None:
+    if isinstance(max_shape, Tensor):
+        # Per-box bounds (several images in one pass): (N, 2) [h, w] -> x/y maxima per coordinate.
+        bound = max_shape.to(dtype).flip(-1).repeat_interleave(num_classes, dim=0)
+        x1y1 = torch.minimum(x1y1.clamp(min=0), bound)
+        x2y2 = torch.minimum(x2y2.clamp(min=0), bound)
+    elif max_shape is not None:
         h, w = max_shape[0], max_shape[1]
         x1y1 = torch.stack([x1y1[:, 0].clamp(0, w), x1y1[:, 1].clamp(0, h)], dim=-1)
         x2y2 = torch.stack([x2y2[:, 0].clamp(0, w), x2y2[:, 1].clamp(0, h)], dim=-1)

@@ -4,7 +4,7 @@ a class-agnostic regressor; and its losses.
 Keys: ``shared_fcs.{0,1}``, ``fc_cls`` (num_classes + 1 outputs, background LAST), ``fc_reg`` (4).
 What it does not own: RoI extraction, target assignment, box decoding (model/box_coder.py).
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,30 +56,36 @@ class BoxLoss(NamedTuple):
     accuracy: Tensor  # percent of sampled RoIs classified correctly (logged, not optimised)
 
 
-def box_head_loss(out: BoxHeadOutput, labels: Tensor, delta_targets: Tensor, *, smooth_l1_beta=1.0,
-                  cls_weight=1.0, box_weight=1.0) -> BoxLoss:
+def box_head_loss(out: BoxHeadOutput, labels: Tensor, delta_targets: Tensor, *, weights: Optional[Tensor] = None,
+                  smooth_l1_beta=1.0, cls_weight=1.0, box_weight=1.0) -> BoxLoss:
     """mmdetection's bbox head loss for one stage over all sampled RoIs of the batch.
 
     Args:
-        out: the head's output for R sampled RoIs.
+        out: the head's output for R RoIs.
         labels: (R,) int64 in [0, num_classes]; num_classes is background.
         delta_targets: (R, 4) encoded targets (rows of negatives are ignored).
-    Returns cross-entropy averaged over the R RoIs and smooth L1 summed over the positives'
-    coordinates divided by R (mmdetection's avg_factor for the box loss is the number of sampled
-    RoIs, and unit weights for every RoI).
+        weights: (R,) 1 for sampled RoIs, 0 for unused slots (None: all sampled).
+    Returns cross-entropy averaged over the sampled RoIs and smooth L1 summed over the positives'
+    coordinates divided by the number of sampled RoIs (mmdetection's avg_factor for the box loss
+    is the number of sampled RoIs, and unit weights for every RoI). The normaliser stays on the
+    device (no host sync).
     """
     num_rois = labels.shape[0]
     if num_rois == 0:
         zero = out.cls_logits.sum() * 0 + out.deltas.sum() * 0
         return BoxLoss(zero, zero, zero.detach())
-    cls = cls_weight * F.cross_entropy(out.cls_logits, labels, reduction="mean")
+    w = torch.ones_like(labels, dtype=torch.float32) if weights is None else weights.float()
+    count = w.sum().clamp(min=1)
+    ce = F.cross_entropy(out.cls_logits, labels, reduction="none")
+    cls = cls_weight * (ce * w).sum() / count
     background = out.cls_logits.shape[1] - 1
-    pos = (labels >= 0) & (labels < background)
-    diff = (out.deltas[pos] - delta_targets[pos]).abs()
+    pos = ((labels >= 0) & (labels < background)).to(w.dtype) * w
+    diff = (out.deltas - delta_targets).abs()
     if smooth_l1_beta > 0:
         per = torch.where(diff < smooth_l1_beta, 0.5 * diff * diff / smooth_l1_beta, diff - 0.5 * smooth_l1_beta)
     else:
         per = diff
-    box = box_weight * per.sum() / max(num_rois, 1) + out.deltas.sum() * 0  # keep the graph when no positives
-    accuracy = (out.cls_logits.argmax(1) == labels).float().mean() * 100
+    box = box_weight * (per * pos[:, None]).sum() / count
+    correct = (out.cls_logits.argmax(1) == labels).to(w.dtype)
+    accuracy = (correct * w).sum() / count * 100
     return BoxLoss(cls, box, accuracy.detach())

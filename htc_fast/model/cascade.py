@@ -47,6 +47,13 @@ class CascadeDetections(NamedTuple):
     mask_probs: Optional[Tensor]
 
 
+def _row_bounds(samples, image_shapes, device) -> Tensor:
+    """(R, 2) [h, w] of each slot's image, for decoding all images' slots in one pass."""
+    shapes = torch.tensor([list(map(float, s)) for s in image_shapes], device=device)
+    counts = torch.tensor([len(s.inds) for s in samples], device=device)
+    return shapes.repeat_interleave(counts, dim=0, output_size=int(sum(len(s.inds) for s in samples)))
+
+
 def rois_from(boxes: Sequence[Tensor]) -> Tensor:
     """Per-image (K_i, 4) boxes -> (sum K_i, 5) rois [batch_index, x1, y1, x2, y2]."""
     parts = [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
@@ -80,14 +87,20 @@ class HTCRoIHead(nn.Module):
     def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor],
              gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor], image_shapes: Sequence[Tuple[int, int]],
              semantic_labels: Optional[Tensor] = None, *, sampler: str = "random",
-             generator: Optional[torch.Generator] = None) -> CascadeLoss:
-        """The HTC training step of the RoI heads.
+             generator: Optional[torch.Generator] = None,
+             proposal_valid: Optional[Sequence[Tensor]] = None) -> CascadeLoss:
+        """The HTC training step of the RoI heads, without host synchronisation.
 
-        feats: FPN outputs P2..P6; proposals: per image (K_i, 4) RPN boxes (network-input pixels);
+        feats: FPN outputs P2..P5; proposals: per image (K_i, 4) RPN boxes (network-input pixels);
         gt_boxes (G_i, 4), gt_labels (G_i,) int64, gt_masks (G_i, H, W) bool/uint8 at network-input
         resolution; image_shapes: per image (h, w) before padding (boxes are clipped to it);
         semantic_labels: (N, H/8, W/8) int64 stuff labels or None; sampler: "random" or
-        "first-k" (deterministic: positives then negatives in index order).
+        "first-k" (deterministic: positives then negatives in index order); proposal_valid: per
+        image (K_i,) bool, False for padding (None: all proposals are real).
+
+        Every stage works on fixed-size slot lists (see sampling.py): the box head runs on each
+        image's min(512, candidates) slots, the mask head on the first ``max_pos`` slots (where
+        the sampled positives are), and unused slots get zero loss weight.
         """
         semantic_feat, semantic_loss = None, None
         if self.semantic_head is not None:
@@ -96,23 +109,24 @@ class HTCRoIHead(nn.Module):
                 semantic_loss = self.semantic_head.loss(logits, semantic_labels)
         pick = self._sampler(sampler)
         boxes = [p.detach() for p in proposals]
+        valid = list(proposal_valid) if proposal_valid is not None else [None] * len(boxes)
         stages = []
         for i, stage in enumerate(self.roi.stages):
             # Box branch on RoIs sampled from this stage's input boxes.
-            samples = self._sample(i, pick, boxes, gt_boxes, gt_labels, generator)
+            samples = self._sample(i, pick, boxes, valid, gt_boxes, gt_labels, generator)
             rois = rois_from([s.boxes for s in samples])
             out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
-            labels = torch.cat([self._labels(s) for s in samples])
-            targets = torch.cat([self._delta_targets(i, s) for s in samples])
-            box_loss = box_head_loss(out, labels, targets, smooth_l1_beta=self.roi.smooth_l1_beta,
+            labels, weights, targets = self._box_targets(i, samples)
+            box_loss = box_head_loss(out, labels, targets, weights=weights, smooth_l1_beta=self.roi.smooth_l1_beta,
                                      cls_weight=self.roi.loss_cls_weight, box_weight=self.roi.loss_bbox_weight)
             # Refine: the stage's regression moves its sampled RoIs (ground truth dropped); they
             # are the next stage's input and, interleaved, what the mask branch samples from now.
             with torch.no_grad():
-                boxes = self._refine(i, samples, out.deltas, image_shapes)
+                bounds = _row_bounds(samples, image_shapes, rois.device)
+                boxes, valid = self._refine(i, samples, rois, out.deltas, bounds)
             if self.roi.interleaved:
-                samples = self._sample(i, pick, boxes, gt_boxes, gt_labels, generator)
-            mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks)
+                samples = self._sample(i, pick, boxes, valid, gt_boxes, gt_labels, generator)
+            mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks, pick.max_pos)
             w = stage.loss_weight
             stages.append(StageLoss(w * box_loss.cls, w * box_loss.box, w * mask_loss, box_loss.accuracy))
         return CascadeLoss(tuple(stages), semantic_loss)
@@ -123,39 +137,47 @@ class HTCRoIHead(nn.Module):
             raise ValueError(f"sampler must be 'random' or 'first-k', got {name!r}")
         return cls(self.roi.sampler_num, self.roi.sampler_pos_fraction, -1, self.roi.add_gt_as_proposals)
 
-    def _sample(self, stage, sampler, boxes, gt_boxes, gt_labels, generator) -> List[SamplingResult]:
+    def _sample(self, stage, sampler, boxes, valid, gt_boxes, gt_labels, generator) -> List[SamplingResult]:
         out = []
-        for b, g, lab in zip(boxes, gt_boxes, gt_labels):
-            assigned = self.assigners[stage].assign(b, g, lab)
+        for b, v, g, lab in zip(boxes, valid, gt_boxes, gt_labels):
+            assigned = self.assigners[stage].assign(b, g, lab, valid=v)
             out.append(sampler.sample(assigned, b, g, lab, generator=generator))
         return out
 
-    def _labels(self, s: SamplingResult) -> Tensor:
-        background = s.pos_gt_labels.new_full((s.num_neg,), self.num_classes)
-        return torch.cat([s.pos_gt_labels, background])
-
-    def _delta_targets(self, stage, s: SamplingResult) -> Tensor:
+    def _box_targets(self, stage, samples: Sequence[SamplingResult]):
+        """All images' slots in one pass: (R,) labels (background for negatives and unused
+        slots), (R,) float weights (1 on sampled slots) and (R, 4) encoded targets."""
         st = self.roi.stages[stage]
-        pos = encode_boxes(s.pos_boxes, s.pos_gt_boxes, st.target_means, st.target_stds)
-        return torch.cat([pos, pos.new_zeros(s.num_neg, 4)])
+        is_pos = torch.cat([s.is_pos for s in samples])
+        valid = torch.cat([s.valid for s in samples])
+        labels = torch.cat([s.labels for s in samples]).masked_fill(~is_pos, self.num_classes)
+        boxes = torch.cat([s.boxes for s in samples])
+        # Slots that are not positive encode against themselves (finite zeros; weight 0 anyway).
+        gt = torch.where(is_pos[:, None], torch.cat([s.gt_boxes for s in samples]), boxes)
+        return labels, valid.to(boxes.dtype), encode_boxes(boxes, gt, st.target_means, st.target_stds)
 
-    def _refine(self, stage, samples, deltas, image_shapes) -> List[Tensor]:
+    def _refine(self, stage, samples, rois, deltas, bounds) -> Tuple[List[Tensor], List[Tensor]]:
+        """Decode every slot in one pass; per image, the non-ground-truth sampled slots first
+        (in slot order, as mmdet's list without the ground truth) and the rest marked invalid."""
         st = self.roi.stages[stage]
-        refined = []
-        for s, d, shape in zip(samples, deltas.split([s.num_pos + s.num_neg for s in samples]), image_shapes):
-            boxes = decode_boxes(s.boxes, d, st.target_means, st.target_stds, max_shape=shape)
-            keep = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-            keep[:s.num_pos] = ~s.pos_is_gt
-            refined.append(boxes[keep])
-        return refined
+        decoded = decode_boxes(rois[:, 1:], deltas.detach(), st.target_means, st.target_stds, max_shape=bounds)
+        boxes, valid = [], []
+        for s, d in zip(samples, decoded.split([len(s.inds) for s in samples])):
+            keep = s.valid & ~s.is_gt
+            order = (~keep).to(torch.uint8).argsort(stable=True)  # a stable compaction, no sync
+            boxes.append(d[order])
+            valid.append(keep[order])
+        return boxes, valid
 
-    def _mask_loss(self, stage, feats, semantic_feat, samples, gt_masks) -> Tensor:
-        pos_rois = rois_from([s.pos_boxes for s in samples])
-        x = self.extract(feats, semantic_feat, pos_rois, self.roi.mask_roi_size)
+    def _mask_loss(self, stage, feats, semantic_feat, samples, gt_masks, capacity) -> Tensor:
+        """The mask loss on each image's first ``capacity`` slots, where the sampled positives are."""
+        boxes = [s.boxes[:capacity] for s in samples]
+        x = self.extract(feats, semantic_feat, rois_from(boxes), self.roi.mask_roi_size)
         logits = self.mask_head[stage].logits(self._trunk(stage, x))
-        targets = torch.cat([self._mask_targets(s, m) for s, m in zip(samples, gt_masks)])
-        labels = torch.cat([s.pos_gt_labels for s in samples])
-        return mask_head_loss(logits, labels, targets, weight=self.roi.loss_mask_weight)
+        targets = self._mask_targets(boxes, [s.gt_inds[:capacity] for s in samples], gt_masks)
+        labels = torch.cat([s.labels[:capacity] for s in samples]).clamp(min=0)
+        weights = torch.cat([s.is_pos[:capacity] for s in samples])
+        return mask_head_loss(logits, labels, targets, weight=self.roi.loss_mask_weight, roi_weights=weights)
 
     def _trunk(self, stage, x):
         """Stage `stage`'s trunk feature with the information flow of the stages before it
@@ -166,14 +188,32 @@ class HTCRoIHead(nn.Module):
                 prev = self.mask_head[j].trunk(x, prev)
         return self.mask_head[stage].trunk(x, prev)
 
-    def _mask_targets(self, s: SamplingResult, masks: Tensor) -> Tensor:
-        """(P, M, M) binary targets: each positive's ground-truth mask RoI-aligned to its box
-        (aligned, sampling_ratio 0) and thresholded at 0.5, as mmdetection's BitmapMasks do."""
+    def _mask_targets(self, boxes: Sequence[Tensor], gt_inds: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+        """(R, M, M) binary targets for the slots' boxes: each slot's ground-truth mask RoI-aligned
+        to its box (aligned, sampling_ratio 0) and thresholded at 0.5, as mmdetection's BitmapMasks
+        do. Slots of images without ground truth (and non-positive slots, whose loss weight is 0)
+        get whatever their index points at; all images' masks go through one RoIAlign call."""
         size = self.roi.mask_size
-        if s.num_pos == 0:
-            return masks.new_zeros((0, size, size), dtype=torch.float32)
-        rois = torch.cat([s.pos_assigned_gt_inds[:, None].to(torch.float32), s.pos_boxes.float()], dim=1)
-        crops = roi_align(masks[:, None].float(), rois, size, 1.0, 0, True)
+        total = sum(len(b) for b in boxes)
+        ref = boxes[0] if boxes else torch.zeros(0, 4)
+        if total == 0 or sum(len(m) for m in masks) == 0:
+            return ref.new_zeros((total, size, size), dtype=torch.float32)
+        shapes = {tuple(m.shape[-2:]) for m in masks if len(m)}
+        if len(shapes) > 1:
+            # Masks at each image's own size: one RoIAlign per image (padding them to a common
+            # size would change the border samples).
+            crops = torch.cat([self._mask_targets([b], [g], [m]) if len(m) else
+                               b.new_zeros((len(b), size, size), dtype=torch.float32)
+                               for b, g, m in zip(boxes, gt_inds, masks)])
+            return crops
+        offsets, start = [], 0
+        for m in masks:
+            offsets.append(start)
+            start += len(m)
+        index = torch.cat([(g + o).clamp(max=start - 1) for g, o in zip(gt_inds, offsets)])
+        rois = torch.cat([index[:, None].to(torch.float32), torch.cat(list(boxes)).float()], dim=1)
+        stacked = torch.cat([m for m in masks if len(m)])[:, None].float()
+        crops = roi_align(stacked, rois, size, 1.0, 0, True)
         return (crops[:, 0] >= 0.5).float()
 
     # ------------------------------------------------------------------------------ inference

@@ -58,13 +58,21 @@ class MaskHead(nn.Module):
         return self.conv_logits(F.relu(self.upsample(feat)))
 
 
-def mask_head_loss(logits: Tensor, labels: Tensor, targets: Tensor, *, weight=1.0) -> Tensor:
+def mask_head_loss(logits: Tensor, labels: Tensor, targets: Tensor, *, weight=1.0,
+                   roi_weights: Optional[Tensor] = None) -> Tensor:
     """Binary cross-entropy of each positive RoI's mask logits at its class.
 
-    logits: (R, num_classes, M, M); labels: (R,) int64 class of each positive; targets: (R, M, M)
-    in [0, 1]. Averaged over all R * M * M pixels (mmdetection's mask loss), 0 when R == 0.
+    logits: (R, num_classes, M, M); labels: (R,) int64 class of each RoI; targets: (R, M, M)
+    in [0, 1]; roi_weights: (R,) 1 for positives, 0 for unused slots (None: all positives).
+    Averaged over the positives' P * M * M pixels (mmdetection's mask loss), 0 when P == 0; the
+    normaliser stays on the device.
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0
     picked = logits[torch.arange(logits.shape[0], device=logits.device), labels]
-    return weight * F.binary_cross_entropy_with_logits(picked, targets.to(picked.dtype), reduction="mean")
+    per_pixel = F.binary_cross_entropy_with_logits(picked, targets.to(picked.dtype), reduction="none")
+    per_roi = per_pixel.flatten(1).mean(dim=1)
+    if roi_weights is None:
+        return weight * per_roi.mean()
+    w = roi_weights.to(per_roi.dtype)
+    return weight * (per_roi * w).sum() / w.sum().clamp(min=1)

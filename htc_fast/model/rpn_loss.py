@@ -21,6 +21,7 @@ from htc_fast.model.anchors import AnchorGenerator, anchor_inside_flags
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
 from htc_fast.model.losses import sigmoid_bce_loss, smooth_l1_loss
 from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult
+from htc_fast.ops import _debug
 
 __all__ = ["RPNTargets", "RPNLoss", "rpn_targets", "rpn_loss"]
 
@@ -32,9 +33,9 @@ class RPNTargets(NamedTuple):
     objectness_weights: (N, A_total) float 1 on sampled anchors, 0 elsewhere.
     deltas: (N, A_total, 4) float encoded targets (0 where not positive).
     delta_weights: (N, A_total, 4) float 1 on sampled positives.
-    avg_factor: int, the losses' normaliser.
-    sampling: one ``SamplingResult`` per image; its indices refer to that image's inside anchors
-        (``inside[i].nonzero()``).
+    avg_factor: 0-dim tensor, the losses' normaliser (on the device: no sync).
+    sampling: one ``SamplingResult`` per image; its indices are anchor indices (all levels
+        concatenated; only anchors inside the image are ever sampled).
     inside: (N, A_total) bool, the candidate anchors of each image.
     """
 
@@ -42,7 +43,7 @@ class RPNTargets(NamedTuple):
     objectness_weights: Tensor
     deltas: Tensor
     delta_weights: Tensor
-    avg_factor: int
+    avg_factor: Tensor
     sampling: Tuple[SamplingResult, ...]
     inside: Tensor
 
@@ -64,7 +65,7 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple
                 assigner: MaxIoUAssigner, sampler: RandomSampler, allowed_border: float = 0,
                 gt_boxes_ignore: Optional[Sequence[Optional[Tensor]]] = None,
                 generator: Optional[torch.Generator] = None, device=None) -> RPNTargets:
-    """Assign and sample anchors, image by image (in order: the random stream is mmdet's).
+    """Assign and sample anchors, image by image, without host synchronisation.
 
     Args:
         anchor_generator: the RPN's anchors; featmap_sizes: (H_l, W_l) per level.
@@ -74,7 +75,7 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple
         coder, assigner, sampler: HTC's RPN ones (see the module docstring).
         allowed_border: see ``anchor_inside_flags``.
         gt_boxes_ignore: per image (I_i, 4) or None (used when the assigner's ignore_iof_thr > 0).
-        generator: CPU generator for the sampler (None: the global one).
+        generator: for the sampler's random keys (None: the global one).
         device: of the anchors (default: the first gt tensor's).
 
     Returns:
@@ -93,36 +94,26 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple
         gt = gt_boxes[i].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4)
         valid = torch.cat(anchor_generator.valid_flags(featmap_sizes, pad_shapes[i], device=anchors.device))
         inside = anchor_inside_flags(anchors, valid, image_sizes[i], allowed_border)
-        if not bool(inside.any()):
+        if _debug.enabled() and not bool(inside.any()):
             raise ValueError(f"rpn_targets: image {i} of size {tuple(image_sizes[i])} has no anchor inside "
                              f"it with allowed_border={allowed_border}; use a negative allowed_border")
-        candidates = anchors[inside]
+        # Every anchor is a candidate; those outside the image are ignored by the assigner, so
+        # nothing is compacted (no boolean-mask indexing) and indices are anchor indices.
         ignore = None if gt_boxes_ignore is None else gt_boxes_ignore[i]
-        assign = assigner.assign(candidates, gt, gt_boxes_ignore=ignore)
-        result = sampler.sample(assign, candidates, gt, generator=generator)
-
-        m = candidates.shape[0]
-        obj = anchors.new_zeros(m)
-        obj_w = anchors.new_zeros(m)
-        tgt = anchors.new_zeros(m, 4)
-        tgt_w = anchors.new_zeros(m, 4)
-        if result.num_pos > 0:
-            tgt[result.pos_inds] = coder.encode(result.pos_boxes, result.pos_gt_boxes)
-            tgt_w[result.pos_inds] = 1.0
-            obj[result.pos_inds] = 1.0
-            obj_w[result.pos_inds] = 1.0
-        if result.num_neg > 0:
-            obj_w[result.neg_inds] = 1.0
-        # Back to all anchors: outside ones get zero targets and zero weights.
-        full = anchors.new_zeros(anchors.shape[0])
-        objectness.append(full.index_put((inside,), obj))
-        objectness_weights.append(full.index_put((inside,), obj_w))
-        full4 = anchors.new_zeros(anchors.shape[0], 4)
-        deltas.append(full4.index_put((inside,), tgt))
-        delta_weights.append(full4.index_put((inside,), tgt_w))
+        assign = assigner.assign(anchors, gt, gt_boxes_ignore=ignore, valid=inside)
+        result = sampler.sample(assign, anchors, gt, generator=generator)
+        # Slot indices are distinct (top-k), and an unused slot's anchor is not sampled: writing
+        # each slot's (possibly zero) target at its index is exact.
+        pos = result.is_pos.to(anchors.dtype)
+        gt_for = torch.where(result.is_pos[:, None], result.gt_boxes, result.boxes)
+        index = (result.inds,)
+        objectness.append(anchors.new_zeros(anchors.shape[0]).index_put(index, pos))
+        objectness_weights.append(anchors.new_zeros(anchors.shape[0]).index_put(index, result.valid.to(anchors.dtype)))
+        deltas.append(anchors.new_zeros(anchors.shape).index_put(index, coder.encode(result.boxes, gt_for) * pos[:, None]))
+        delta_weights.append(anchors.new_zeros(anchors.shape).index_put(index, pos[:, None].expand(-1, 4)))
         sampling.append(result)
         inside_all.append(inside)
-    avg_factor = sum(r.avg_factor for r in sampling)
+    avg_factor = torch.stack([r.avg_factor for r in sampling]).sum() if sampling else 0
     return RPNTargets(torch.stack(objectness), torch.stack(objectness_weights), torch.stack(deltas),
                       torch.stack(delta_weights), avg_factor, tuple(sampling), torch.stack(inside_all))
 
