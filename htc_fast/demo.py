@@ -1,4 +1,4 @@
-"""``python -m htc_fast.demo``: the README's first command until the training entry point lands.
+"""``python -m htc_fast.demo``: a quick look at what the kernels buy on this machine.
 
 Runs the FPN RoI extractor of HTC (multi-level RoIAlign, P2-P5 at 256 channels, 512 RoIs at 7x7)
 on random features with every backend available on this machine, checks each against
