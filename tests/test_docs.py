@@ -34,7 +34,8 @@ _FILE_EXTENSIONS = {"py", "cpp", "cu", "cuh", "h", "md", "so", "pth", "json", "t
 
 
 def _code_blocks(text, languages):
-    return [m.group(2) for m in re.finditer(r"```(\w*)\n(.*?)```", text, re.S) if m.group(1) in languages]
+    return [m.group(2) for m in re.finditer(r"```(\w*)\n(.*?)```", text, re.S)
+            if m.group(1) in languages]
 
 
 def _inline_and_blocks(text):
@@ -49,7 +50,8 @@ def _inline_and_blocks(text):
 # ----------------------------------------------------------------------------- names
 
 def _resolve(dotted):
-    """Import the longest module prefix of `dotted`, then getattr the rest; AssertionError if not."""
+    """Imports the longest module prefix of `dotted`, then getattr's the rest (AssertionError
+    if any of it is missing)."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         module_name = ".".join(parts[:i])
@@ -70,8 +72,9 @@ def _mentioned_names():
     names = set()
     for doc in DOCS:
         # htc_fast.a.b (not torch.ops.htc_fast.x, not file paths htc_fast/a.py).
-        names |= {(doc.name, m) for m in re.findall(r"(?<![\w./])htc_fast(?:\.[A-Za-z_]\w*)+", doc.read_text())
-                  if m.rsplit(".", 1)[1] not in _FILE_EXTENSIONS}  # csrc/htc_fast.cpp is a file
+        found = re.findall(r"(?<![\w./])htc_fast(?:\.[A-Za-z_]\w*)+", doc.read_text())
+        # "csrc/htc_fast.cpp" is a file, not a name.
+        names |= {(doc.name, m) for m in found if m.rsplit(".", 1)[1] not in _FILE_EXTENSIONS}
     return sorted(names)
 
 
@@ -107,7 +110,8 @@ def _cli_commands():
     for doc in (ROOT / "README.md", ROOT / "CONTRIBUTING.md"):
         for line in _inline_and_blocks(doc.read_text()):
             for m in _MODULE_COMMAND.finditer(line):
-                found.append((doc.name, m.group(1), shlex.split(m.group(2).replace("[", " ").replace("]", " "))))
+                args = m.group(2).replace("[", " ").replace("]", " ")  # [--optional] flags
+                found.append((doc.name, m.group(1), shlex.split(args)))
     return found
 
 
@@ -141,7 +145,8 @@ def test_cli_commands_take_their_options(doc, module, tokens):
 def test_scripts_the_docs_run_exist():
     for doc in (ROOT / "README.md", ROOT / "CONTRIBUTING.md"):
         for line in _inline_and_blocks(doc.read_text()):
-            for path in re.findall(r"(?:python3?|bash)\s+((?:scripts|benchmarks|\.ci)/[\w./-]+)", line):
+            pattern = r"(?:python3?|bash)\s+((?:scripts|benchmarks|\.ci)/[\w./-]+)"
+            for path in re.findall(pattern, line):
                 assert (ROOT / path).is_file(), f"{doc.name} runs {path}, which does not exist"
 
 
@@ -152,7 +157,8 @@ def test_relative_links_resolve():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
             if re.match(r"\w+://", target):
                 continue
-            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
+            assert (doc.parent / target).exists(), \
+                f"{doc.relative_to(ROOT)} links to missing {target}"
 
 
 # ----------------------------------------------------------------------------- machine paths
@@ -173,11 +179,13 @@ _OUTSIDE_NOTES = re.compile(r"\b(?:DESIGN|HTC_SPEC|KERNELS)\.md\b")
 
 def _tracked_text_files():
     try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
         paths = [ROOT / p for p in out.decode().split("\0") if p]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout (an sdist): walk it
         skip = {".git", ".venv", "build", "dist", "__pycache__", "work_dirs"}
-        paths = [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+        paths = [p for p in ROOT.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
     for path in paths:
         if not path.is_file() or path.stat().st_size > 5_000_000:
             continue
@@ -193,15 +201,18 @@ def test_no_absolute_machine_paths_and_no_outside_citations():
         for n, line in enumerate(text.splitlines(), 1):
             if _MACHINE_PATH.search(line) or _OUTSIDE_NOTES.search(line):
                 offences.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:120]}")
-    assert not offences, "machine paths or citations outside the repository:\n" + "\n".join(offences)
+    assert not offences, \
+        "machine paths or citations outside the repository:\n" + "\n".join(offences)
 
 
 def test_the_path_patterns_catch_what_they_should():
     # The test above must be able to fail: each kind of offence is caught, each legitimate use not.
     bad = ['default="/' + 'work/oracle_out"', "/" + "root/.cache/x", "see /" + "home/alice/data",
-           'p.add_argument("--out", default="/' + 'tmp/results")', 'os.environ.get("X", "/' + 'tmp/x")',
+           'p.add_argument("--out", default="/' + 'tmp/results")',
+           'os.environ.get("X", "/' + 'tmp/x")',
            "C:\\\\" + "Users\\\\bob"]
-    good = ["tempfile.mkdtemp()", "--benchmark-json=/" + "tmp/bench.json", "pip install --target /" + "tmp/site",
+    good = ["tempfile.mkdtemp()", "--benchmark-json=/" + "tmp/bench.json",
+            "pip install --target /" + "tmp/site",
             "work_dirs/htc_tiny", "https://example.org/home/index.html"]
     assert all(_MACHINE_PATH.search(s) for s in bad)
     assert not any(_MACHINE_PATH.search(s) for s in good)

@@ -115,21 +115,27 @@ def test_released_resolves_through_the_table(server, tmp_path, tiny_checkpoint, 
                            progress=False) == path
 
 
-def test_imagenet_backbone_by_name_loads_into_the_backbone(server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,preset,wrapped", [
+    ("torchvision://resnet50", "htc_r50_fpn_1x", False),  # torchvision: a bare state dict
+    ("open-mmlab://resnext101_64x4d", "htc_x101_64x4d_fpn_16x1_20e", True),  # under "state_dict"
+])
+def test_imagenet_backbone_by_name_loads_into_the_backbone(server, tmp_path, monkeypatch, name,
+                                                           preset, wrapped):
     model = build_htc(get_config("htc_tiny"))
     backbone = {k[len("backbone."):]: torch.randn_like(v) if v.is_floating_point() else v
                 for k, v in model.state_dict().items() if k.startswith("backbone.")}
     backbone["fc.weight"] = torch.randn(10, 4)  # the ImageNet classifier is skipped
-    data = _checkpoint_bytes(backbone)
-    url = server.add("/models/" + _named("resnet50", data), data)
-    monkeypatch.setitem(IMAGENET_URLS, "torchvision://resnet50", url)
-    path = resolve_weights("torchvision://resnet50", directory=tmp_path, progress=False)
+    data = _checkpoint_bytes({"state_dict": backbone} if wrapped else backbone)
+    url = server.add("/models/" + _named(name.split("//")[1], data), data)
+    monkeypatch.setitem(IMAGENET_URLS, name, url)
+    path = resolve_weights(name, directory=tmp_path, progress=False)
     report = load_checkpoint(model, path, source="torchvision")
     assert report.ok and report.skipped == ["fc.weight"]
-    torch.testing.assert_close(model.backbone.conv1.weight, backbone["conv1.weight"], rtol=0, atol=0)
-    # "imagenet" picks the preset's backbone name (R-50 here), served by the same patched URL.
-    assert resolve_weights("imagenet", preset="htc_r50_fpn_1x", directory=tmp_path,
-                           progress=False) == path
+    for key, value in backbone.items():
+        if key != "fc.weight":
+            torch.testing.assert_close(model.state_dict()["backbone." + key], value, rtol=0, atol=0)
+    # "imagenet" picks the preset's backbone name, served by the same patched URL.
+    assert resolve_weights("imagenet", preset=preset, directory=tmp_path, progress=False) == path
 
 
 def test_server_breaking_off_keeps_nothing(server, tmp_path, tiny_checkpoint):
@@ -220,7 +226,7 @@ def test_predictor_takes_released_and_urls(server, tmp_path, tiny_checkpoint, mo
     state, data = tiny_checkpoint
     url = server.add("/" + _named("htc_tiny_coco_20200101", data), data)
     monkeypatch.setitem(RELEASED, "htc_tiny", ReleasedCheckpoint(url, 0.0, 0.0))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # the default cache: <TORCH_HOME>/hub/checkpoints
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # default cache: <TORCH_HOME>/hub/checkpoints
     for checkpoint in ("released", url):
         predictor = Predictor("htc_tiny", checkpoint=checkpoint, device="cpu")
         assert predictor.report.ok

@@ -100,7 +100,8 @@ def _fetch(url: str, out, progress: bool) -> None:
     try:
         response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)  # noqa: S310 - http(s) checked
     except urllib.error.HTTPError as exc:
-        raise WeightsDownloadError(f"could not download {url}: HTTP {exc.code} {exc.reason}") from exc
+        raise WeightsDownloadError(
+            f"could not download {url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise WeightsDownloadError(

@@ -38,7 +38,8 @@ def hub_url(name: str) -> str:
     try:
         return IMAGENET_URLS[name]
     except KeyError:
-        raise ValueError(f"unknown weights name {name!r}; known: {', '.join(IMAGENET_URLS)}") from None
+        known = ", ".join(IMAGENET_URLS)
+        raise ValueError(f"unknown weights name {name!r}; known: {known}") from None
 
 
 def imagenet_name(backbone: BackboneConfig) -> str:

@@ -68,5 +68,6 @@ def _config(preset: str | HTCConfig) -> HTCConfig:
     if isinstance(preset, HTCConfig):
         return preset
     if not isinstance(preset, str):
-        raise TypeError(f"preset must be a preset name or an HTCConfig, got {type(preset).__name__}")
+        raise TypeError("preset must be a preset name or an HTCConfig, got "
+                        f"{type(preset).__name__}")
     return get_config(preset)
