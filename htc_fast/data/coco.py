@@ -24,7 +24,6 @@ Images whose file is missing are left out (counted; `check_files=False` defers t
 import json
 import math
 import warnings
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -34,11 +33,12 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from htc_fast.data.image_decode import read_rgb
+from htc_fast.data.raster import decode_rle
+from htc_fast.data.report import EXAMPLES_PER_REASON, DatasetReport
 from htc_fast.data.semantic import ThingIds, load_stuff_map, semantic_from_instances
-from htc_fast.preprocess import load_image
 
 Key = Union[int, Tuple[int, int, int]]  # index, or (index, seed, epoch) from the train sampler
-_EXAMPLES_PER_REASON = 5
 
 
 class BadSampleError(RuntimeError):
@@ -51,8 +51,9 @@ class Sample:
 
     image: (3, h, w) uint8 RGB; boxes: (G, 4) float32 xyxy; labels: (G,) int64;
     masks: (G, h, w) bool or None (test mode); ignore_boxes: (K, 4) float32 crowd boxes;
-    semantic: (h, w) uint8 (255 = ignore) or None; scale_factor: (w_scale, h_scale) from the
-    original image; flipped: horizontally flipped."""
+    semantic: (ceil(h / s), ceil(w / s)) uint8 (255 = ignore) or None, the image's map sampled
+    every s = `semantic_stride` pixels (rows and columns 0, s, 2s, ...; s = 1: the full map);
+    scale_factor: (w_scale, h_scale) from the original image; flipped: horizontally flipped."""
     image: Tensor
     boxes: Tensor
     labels: Tensor
@@ -64,6 +65,7 @@ class Sample:
     original_shape: Tuple[int, int]
     scale_factor: Tuple[float, float] = (1.0, 1.0)
     flipped: bool = False
+    semantic_stride: int = 1
 
     @property
     def image_shape(self) -> Tuple[int, int]:
@@ -78,6 +80,7 @@ class _Instance:
     category_id: int
     segmentation: object
     crowd: bool
+    area: float  # the json's area (orders the painting of derived semantic maps)
 
 
 @dataclass
@@ -91,39 +94,6 @@ class _ImageRecord:
     @property
     def num_targets(self) -> int:
         return sum(not inst.crowd for inst in self.instances)
-
-
-@dataclass
-class DatasetReport:
-    """What construction found. `dropped`: reason -> annotations dropped; `examples`: reason ->
-    the first messages (naming annotation ids / files)."""
-    images_in_file: int = 0
-    images_kept: int = 0
-    images_without_targets: int = 0
-    images_too_small: int = 0
-    images_missing_file: int = 0
-    missing_stuff_maps: int = 0
-    instances: int = 0
-    crowd: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    examples: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
-
-    def note(self, reason: str, message: str) -> None:
-        self.dropped[reason] += 1
-        if len(self.examples[reason]) < _EXAMPLES_PER_REASON:
-            self.examples[reason].append(message)
-
-    def summary(self) -> str:
-        lines = [f"{self.images_kept}/{self.images_in_file} images kept ({self.images_without_targets} "
-                 f"without usable instances, {self.images_too_small} smaller than min_size, "
-                 f"{self.images_missing_file} missing files, {self.missing_stuff_maps} missing stuff "
-                 f"maps); {self.instances} instances, {self.crowd} crowd"]
-        for reason, count in sorted(self.dropped.items()):
-            lines.append(f"  dropped {count} annotation(s): {reason}; e.g. " + "; ".join(self.examples[reason]))
-        for reason in ("missing image file", "missing stuff map"):
-            if self.examples.get(reason):
-                lines.append(f"  {reason}: " + "; ".join(self.examples[reason]))
-        return "\n".join(lines)
 
 
 def _finite_numbers(values, n: Optional[int] = None) -> bool:
@@ -153,13 +123,8 @@ def decode_segmentation(seg, height: int, width: int) -> np.ndarray:
     """(h, w) uint8 mask of a polygon list, an uncompressed RLE (counts list) or a compressed
     RLE (counts string), like mmdetection's `_poly2mask` (polygons merged into one RLE)."""
     if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, height, width)
-    else:
-        counts = seg["counts"]
-        rle = {"size": list(seg["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-    return mask_utils.decode([rle])[:, :, 0]
+        return mask_utils.decode([mask_utils.merge(mask_utils.frPyObjects(seg, height, width))])[:, :, 0]
+    return decode_rle(seg, height, width)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -178,6 +143,11 @@ class CocoDetection(torch.utils.data.Dataset):
             "label" (0..C-1).
         filter_empty_gt, min_size: training image filter.
         check_files: look for every image (and stuff map) file at construction.
+        semantic_stride: semantic maps of transformed samples are sampled every that many pixels
+            (the semantic head's stride, 8 for HTC: the loss reads nothing else); 1: full maps.
+        fast: with a transform that has `draw` (`TrainTransform`, `TestTransform`), load each
+            sample straight at the network size (`resized_sample.load_resized`); False: decode at
+            the original size, then `transform` (the reference path).
         skip_bad: `__getitem__` replaces an image that fails to load by the next loadable one of
             the same aspect group (with a warning) instead of raising; at most `max_refetch` tries.
     """
@@ -187,7 +157,8 @@ class CocoDetection(torch.utils.data.Dataset):
                  stuff_dir: Union[str, Path, None] = None,
                  semantic: Optional[Literal["stuff_maps", "from_instances", "off"]] = None,
                  thing_ids: ThingIds = "stuff_id", filter_empty_gt: bool = True, min_size: int = 32,
-                 check_files: bool = True, skip_bad: bool = False, max_refetch: int = 10):
+                 check_files: bool = True, skip_bad: bool = False, max_refetch: int = 10,
+                 semantic_stride: int = 1, fast: bool = True):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.stuff_dir = None if stuff_dir is None else Path(stuff_dir)
         self.semantic = semantic or ("stuff_maps" if stuff_dir is not None else "off")
@@ -199,6 +170,9 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"thing_ids must be 'stuff_id' or 'label', got {thing_ids!r}")
         self.transform, self.test_mode, self.thing_ids = transform, test_mode, thing_ids
         self.skip_bad, self.max_refetch = skip_bad, max_refetch
+        if isinstance(semantic_stride, bool) or not isinstance(semantic_stride, int) or semantic_stride < 1:
+            raise ValueError(f"semantic_stride must be a positive int, got {semantic_stride!r}")
+        self.semantic_stride, self.fast = semantic_stride, fast
         try:
             with open(self.ann_file) as f:
                 data = json.load(f)
@@ -268,7 +242,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             crowd = bool(ann.get("iscrowd", 0))
             rec.instances.append(_Instance(ann_id, (x, y, x + w, y + h), self.cat2label[ann["category_id"]],
-                                           int(ann["category_id"]), seg, crowd))
+                                           int(ann["category_id"]), seg, crowd, float(area)))
         return list(records.values())
 
     def _filter(self, records, filter_empty: bool, min_size: int, check_files: bool) -> List[_ImageRecord]:
@@ -282,12 +256,12 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             if check_files and not (self.image_dir / rec.file_name).is_file():
                 rep.images_missing_file += 1
-                if len(rep.examples["missing image file"]) < _EXAMPLES_PER_REASON:
+                if len(rep.examples["missing image file"]) < EXAMPLES_PER_REASON:
                     rep.examples["missing image file"].append(str(self.image_dir / rec.file_name))
                 continue
             if check_files and self.semantic == "stuff_maps" and not self.stuff_map_path(rec).is_file():
                 rep.missing_stuff_maps += 1
-                if len(rep.examples["missing stuff map"]) < _EXAMPLES_PER_REASON:
+                if len(rep.examples["missing stuff map"]) < EXAMPLES_PER_REASON:
                     rep.examples["missing stuff map"].append(str(self.stuff_map_path(rec)))
             kept.append(rec)
         for rec in kept:
@@ -312,17 +286,16 @@ class CocoDetection(torch.utils.data.Dataset):
     def stuff_map_path(self, rec: _ImageRecord) -> Path:
         return self.stuff_dir / (rec.file_name.rsplit(".", 1)[0] + ".png")
 
-    def load(self, index: int) -> Sample:
-        """The untransformed sample `index`; `BadSampleError` naming the file when it cannot."""
+    def load(self, index: int, scale: Optional[Tuple[int, int]] = None, flip: bool = False) -> Sample:
+        """Sample `index` at its original size (`scale` None: the reference path), or resized into
+        `scale` and mirrored when `flip` (`resized_sample.load_resized`, the fast path);
+        `BadSampleError` naming the file when it cannot."""
+        if scale is not None:
+            from htc_fast.data.resized_sample import load_resized  # it imports this module
+
+            return load_resized(self, index, scale, flip)
         rec = self.records[index]
-        path = self.image_dir / rec.file_name
-        try:
-            image = load_image(path)
-        except (OSError, ValueError) as exc:
-            raise BadSampleError(f"image {rec.image_id}: {exc}") from exc
-        if tuple(image.shape[1:]) != (rec.height, rec.width):
-            raise BadSampleError(f"image {path} is {tuple(image.shape[1:])} (h, w) but the annotations "
-                                 f"say {(rec.height, rec.width)}")
+        image = torch.from_numpy(self.read_image(rec).copy()).permute(2, 0, 1)
         targets = [i for i in rec.instances if not i.crowd]
         crowd = [i for i in rec.instances if i.crowd]
         boxes = torch.tensor([i.box for i in targets], dtype=torch.float32).reshape(-1, 4)
@@ -344,20 +317,37 @@ class CocoDetection(torch.utils.data.Dataset):
         return Sample(image, boxes, labels, masks, ignore, semantic, rec.image_id, rec.file_name,
                       (rec.height, rec.width))
 
+    def read_image(self, rec: _ImageRecord) -> np.ndarray:
+        """(h, w, 3) uint8 RGB (read-only) of a record's image; BadSampleError naming the file when
+        it cannot be read or its size disagrees with the annotations."""
+        path = self.image_dir / rec.file_name
+        try:
+            array = read_rgb(path)
+        except (OSError, ValueError) as exc:
+            raise BadSampleError(f"image {rec.image_id}: {exc}") from exc
+        if array.shape[:2] != (rec.height, rec.width):
+            raise BadSampleError(f"image {path} is {array.shape[:2]} (h, w) but the annotations "
+                                 f"say {(rec.height, rec.width)}")
+        return array
+
+    def decode_instance(self, rec: _ImageRecord, inst: _Instance) -> np.ndarray:
+        """(h, w) uint8 mask of one annotation at the original size; BadSampleError naming it."""
+        try:
+            return decode_segmentation(inst.segmentation, rec.height, rec.width)
+        except Exception as exc:  # pycocotools raises bare Exceptions and TypeErrors
+            raise BadSampleError(f"annotation {inst.ann_id} of image {rec.image_id} ({rec.file_name}): "
+                                 f"cannot decode its segmentation: {exc!r}") from exc
+
     def _masks(self, rec: _ImageRecord, instances: Sequence[_Instance]) -> Tensor:
         out = torch.zeros(len(instances), rec.height, rec.width, dtype=torch.bool)
         for k, inst in enumerate(instances):
-            try:
-                out[k] = torch.from_numpy(decode_segmentation(inst.segmentation, rec.height, rec.width)) != 0
-            except Exception as exc:  # pycocotools raises bare Exceptions and TypeErrors
-                raise BadSampleError(f"annotation {inst.ann_id} of image {rec.image_id} ({rec.file_name}): "
-                                     f"cannot decode its segmentation: {exc!r}") from exc
+            out[k] = torch.from_numpy(self.decode_instance(rec, inst)) != 0
         return out
 
-    def try_load(self, index: int) -> Optional[Sample]:
-        """`load(index)`, or None with a warning naming the file when it fails."""
+    def try_load(self, index: int, scale: Optional[Tuple[int, int]] = None, flip: bool = False) -> Optional[Sample]:
+        """`load(index, scale, flip)`, or None with a warning naming the file when it fails."""
         try:
-            return self.load(index)
+            return self.load(index, scale, flip)
         except BadSampleError as exc:
             warnings.warn(f"skipping a sample: {exc}", stacklevel=2)
             return None
@@ -367,25 +357,29 @@ class CocoDetection(torch.utils.data.Dataset):
         transform then draws from `np.random.default_rng([seed, epoch, index])`, so a run is
         reproducible whatever the number of workers. A plain index draws fresh randomness."""
         index, rng_seed = (key, None) if isinstance(key, (int, np.integer)) else (key[0], [key[1], key[2], key[0]])
+        rng = np.random.default_rng(rng_seed)
+        # the same draws, in the same order, as `transform(sample, rng)`
+        plan = self.transform.draw(rng) if self.fast and hasattr(self.transform, "draw") else (None, False)
         sample, tried, original = None, 0, index
         while sample is None:
             if not self.skip_bad:
-                sample = self.load(index)
+                sample = self.load(index, *plan)
                 break
-            sample = self.try_load(index)
+            sample = self.try_load(index, *plan)
             if sample is None:
                 tried += 1
                 if tried > self.max_refetch:
                     raise BadSampleError(f"{tried} consecutive samples from index {original} failed to load")
-                index = self._next_in_group(index)
-        if self.transform is not None:
-            sample = self.transform(sample, np.random.default_rng(rng_seed))
+                index = self._next_in_group(original, tried)
+        if self.transform is not None and plan[0] is None:
+            sample = self.transform(sample, rng)
         return sample
 
-    def _next_in_group(self, index: int) -> int:
-        flags = self._flags
-        for step in range(1, len(flags)):
-            j = (index + step) % len(flags)
-            if flags[j] == flags[index]:
-                return j
-        return index
+    def _next_in_group(self, index: int, tried: int = 1) -> int:
+        """The `tried`-th replacement for the unreadable image `index`: the other images of its
+        aspect group first (cyclically after it), then the other groups' (an image alone in its
+        group must not abort training; that batch then mixes aspect ratios)."""
+        flags, n = self._flags, len(self._flags)
+        after = [(index + step) % n for step in range(1, n)]
+        candidates = [j for j in after if flags[j] == flags[index]] + [j for j in after if flags[j] != flags[index]]
+        return candidates[(tried - 1) % len(candidates)] if candidates else index

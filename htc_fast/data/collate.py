@@ -88,14 +88,16 @@ def batch_images(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: in
     sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     for k, s in enumerate(samples):
         h, w = s.image_shape
-        images[k, :, :h, :w] = (s.image.float() - m) / sd
+        region = images[k, :, :h, :w]  # in place: no float temporaries of the image
+        region.copy_(s.image).sub_(m).div_(sd)
     return ImageBatch(images, shapes, [tuple(s.scale_factor) for s in samples],
                       [tuple(s.original_shape) for s in samples])
 
 
 def collate_train(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: int = 32) -> TrainBatch:
-    """Samples with masks -> TrainBatch. Semantic maps (all or none of the samples have one) are
-    padded with 255 to the image batch's padded size, as int64."""
+    """Samples with masks -> TrainBatch. Semantic maps (all or none of the samples have one, all
+    sampled every s = `Sample.semantic_stride` pixels) are padded with 255 to the image batch's
+    padded size divided by s (s divides `size_divisor`), as int64: (N, H / s, W / s)."""
     inputs = batch_images(samples, mean, std, size_divisor)
     for s in samples:
         if s.masks is None:
@@ -105,10 +107,15 @@ def collate_train(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: i
         raise ValueError("some samples of the batch have a semantic map and some do not")
     semantic = None
     if all(has_sem):
+        strides = {s.semantic_stride for s in samples}
+        stride = strides.pop()
+        if strides or size_divisor % stride:
+            raise ValueError(f"semantic maps sampled every {sorted(strides | {stride})} pixels cannot be "
+                             f"padded to a multiple of size_divisor={size_divisor}")
         ph, pw = inputs.images.shape[2:]
-        semantic = torch.full((len(samples), ph, pw), IGNORE_INDEX, dtype=torch.int64)
+        semantic = torch.full((len(samples), ph // stride, pw // stride), IGNORE_INDEX, dtype=torch.int64)
         for k, s in enumerate(samples):
-            h, w = s.image_shape
+            h, w = s.semantic.shape
             semantic[k, :h, :w] = s.semantic
     targets = Targets([s.boxes for s in samples], [s.labels for s in samples],
                       [s.masks for s in samples], semantic)

@@ -154,7 +154,8 @@ def coco_train_dataset(root: Union[str, Path], cfg: HTCConfig, split: str = "tra
     thing_ids = "stuff_id" if cfg.model.semantic.num_classes >= 182 else "label"
     return CocoDetection(root / "annotations" / f"instances_{split}.json", root / split,
                          transform=TrainTransform(cfg.data), stuff_dir=stuff_dir if semantic == "stuff_maps" else None,
-                         semantic=semantic, thing_ids=thing_ids, skip_bad=skip_bad)
+                         semantic=semantic, thing_ids=thing_ids, skip_bad=skip_bad,
+                         semantic_stride=cfg.model.semantic.stride)
 
 
 def coco_test_dataset(root: Union[str, Path], cfg: Union[DataConfig, HTCConfig],

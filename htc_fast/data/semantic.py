@@ -24,6 +24,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from htc_fast.data.image_decode import read_label_map
+
 IGNORE_INDEX = 255
 ThingIds = Literal["stuff_id", "label"]
 
@@ -35,22 +37,17 @@ class MissingStuffMapError(FileNotFoundError):
 def load_stuff_map(path: Path, expected_hw: Sequence[int]) -> Tensor:
     """(H, W) uint8 COCO-stuff label map from a PNG; clear errors when missing, unreadable or of
     the wrong size."""
-    from torchvision.io import ImageReadMode, decode_image
-
     path = Path(path)
     if not path.is_file():
         raise MissingStuffMapError(f"stuff map not found: {path}")
     try:
-        seg = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError) as exc:
+        seg = read_label_map(path)
+    except ValueError as exc:
         raise ValueError(f"cannot decode stuff map {path}: {exc}") from exc
-    if seg.dim() != 3 or seg.shape[0] != 1 or seg.dtype != torch.uint8:
-        raise ValueError(f"stuff map {path} must be a single-channel 8-bit PNG, got "
-                         f"{tuple(seg.shape)} {seg.dtype}")
-    if tuple(seg.shape[1:]) != tuple(expected_hw):
-        raise ValueError(f"stuff map {path} is {tuple(seg.shape[1:])} (h, w) but its image is "
+    if tuple(seg.shape) != tuple(expected_hw):
+        raise ValueError(f"stuff map {path} is {tuple(seg.shape)} (h, w) but its image is "
                          f"{tuple(expected_hw)}")
-    return seg[0]
+    return torch.from_numpy(seg)
 
 
 def semantic_from_instances(masks: Tensor, values: Sequence[int], hw: Sequence[int]) -> Tensor:

@@ -65,6 +65,9 @@ def flip_boxes(boxes: Tensor, width: int) -> Tensor:
 
 def resize_sample(sample: Sample, scale: Tuple[int, int]) -> Sample:
     """Keep-ratio resize into `scale` (long max, short max); scale factors are new/old per axis."""
+    if sample.semantic_stride != 1:
+        raise ValueError(f"resize_sample needs a full semantic map, got one sampled every "
+                         f"{sample.semantic_stride} pixels")
     h, w = sample.image_shape
     nh, nw = rescale_size(h, w, scale)
     factor = (nw / w, nh / h)
@@ -80,6 +83,9 @@ def resize_sample(sample: Sample, scale: Tuple[int, int]) -> Sample:
 
 def flip_sample(sample: Sample) -> Sample:
     """Horizontal flip of the image, boxes, masks and semantic map (applied twice: identity)."""
+    if sample.semantic_stride != 1:
+        raise ValueError(f"flip_sample needs a full semantic map, got one sampled every "
+                         f"{sample.semantic_stride} pixels")
     w = sample.image_shape[1]
     return replace(
         sample, image=sample.image.flip(-1), boxes=flip_boxes(sample.boxes, w),
@@ -104,12 +110,15 @@ class TrainTransform:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
+    def draw(self, rng: np.random.Generator) -> Tuple[Tuple[int, int], bool]:
+        """The random part: (scale, flip), drawn in this order (what `__call__` applies)."""
+        scale = draw_train_scale(self.cfg, rng)
+        return scale, bool(rng.random() < self.cfg.flip_prob)
+
     def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
-        rng = np.random.default_rng() if rng is None else rng
-        sample = resize_sample(sample, draw_train_scale(self.cfg, rng))
-        if rng.random() < self.cfg.flip_prob:
-            sample = flip_sample(sample)
-        return sample
+        scale, flip = self.draw(np.random.default_rng() if rng is None else rng)
+        sample = resize_sample(sample, scale)
+        return flip_sample(sample) if flip else sample
 
 
 class TestTransform:
@@ -118,6 +127,9 @@ class TestTransform:
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
+
+    def draw(self, rng: Optional[np.random.Generator] = None) -> Tuple[Tuple[int, int], bool]:
+        return tuple(self.cfg.test_scale), False
 
     def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:
         return resize_sample(sample, tuple(self.cfg.test_scale))

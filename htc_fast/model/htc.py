@@ -61,7 +61,8 @@ class HTC(nn.Module):
 
     def forward(self, batch: ImageBatch, targets: Targets, *, sampler: str = "random",
                 generator: Optional[torch.Generator] = None) -> HTCLoss:
-        """Training losses. sampler: "random" (mmdetection's) or "first-k" (deterministic)."""
+        """Training losses, without host synchronisation (fixed-capacity proposals and samples).
+        sampler: "random" (mmdetection's distribution) or "first-k" (deterministic)."""
         feats = self.features(batch.images)
         rpn_out = self.rpn_head(feats)
         pad = tuple(batch.images.shape[-2:])
@@ -70,12 +71,15 @@ class HTC(nn.Module):
             rpn_sampler = FirstKSampler(self.cfg.rpn.sampler_num, self.cfg.rpn.sampler_pos_fraction, -1, False)
         rpn_loss = self.rpn_head.loss(rpn_out, targets.boxes, batch.image_shapes, [pad] * len(targets.boxes),
                                       sampler=rpn_sampler, generator=generator)
-        proposals = [p.boxes for p in self.rpn_head.proposals(rpn_out, batch.image_shapes, training=True)]
+        proposals = self.rpn_head.proposals(rpn_out, batch.image_shapes, training=True, padded=True)
         semantic = None
         if targets.semantic is not None and self.roi_head.semantic_head is not None:
-            semantic = _downscale_labels(targets.semantic, self.cfg.semantic.stride)
-        roi_loss = self.roi_head.loss(feats, proposals, targets.boxes, targets.labels, targets.masks,
-                                      batch.image_shapes, semantic, sampler=sampler, generator=generator)
+            semantic = targets.semantic
+            if tuple(semantic.shape[-2:]) == pad:  # full resolution; else already at the head's stride
+                semantic = _downscale_labels(semantic, self.cfg.semantic.stride)
+        roi_loss = self.roi_head.loss(feats, [p.boxes for p in proposals], targets.boxes, targets.labels,
+                                      targets.masks, batch.image_shapes, semantic, sampler=sampler,
+                                      generator=generator, proposal_valid=[p.valid for p in proposals])
         return HTCLoss(rpn_loss, roi_loss)
 
     @torch.no_grad()
@@ -85,10 +89,10 @@ class HTC(nn.Module):
         if masks not in ("bitmap", "rle", None):
             raise ValueError(f"masks must be 'bitmap', 'rle' or None, got {masks!r}")
         feats = self.features(batch.images)
-        proposals = [p.boxes for p in self.rpn_head.proposals(self.rpn_head(feats), batch.image_shapes,
-                                                               training=False)]
-        dets = self.roi_head.predict(feats, proposals, batch.image_shapes, batch.scale_factors,
-                                     with_masks=masks is not None)
+        proposals = self.rpn_head.proposals(self.rpn_head(feats), batch.image_shapes, training=False, padded=True)
+        # Fixed capacity up to here; the cascade reads the detection counts once (the only sync).
+        dets = self.roi_head.predict(feats, [p.boxes for p in proposals], batch.image_shapes, batch.scale_factors,
+                                     with_masks=masks is not None, proposal_valid=[p.valid for p in proposals])
         out = []
         for d, shape in zip(dets, batch.original_shapes):
             pasted = None if masks is None else _paste(d.mask_probs, d.boxes, shape, self.cfg.test.mask_thr, masks)

@@ -41,7 +41,9 @@ class Targets:
     masks: per image (G_i, h, w) bool/uint8 at exactly the resized image's size (h, w), NOT
     padded: mask targets are RoI-aligned from them, and bilinear sampling at the right/bottom edge
     must clamp to the image's last pixel rather than read padding (as mmdetection's masks do);
-    semantic: (N, H, W) int64 stuff labels at the padded input resolution (255 = ignore), or None.
+    semantic: (N, H, W) int64 stuff labels at the padded input resolution (255 = ignore), or
+    already sampled at the semantic head's stride s, (N, H / s, W / s) (rows/columns 0, s, 2s, ...:
+    what the loss reads; the data pipeline's default), or None.
     """
     boxes: List[Tensor]
     labels: List[Tensor]

@@ -1,0 +1,94 @@
+"""Ground truth rasterised directly at the network resolution (the fast training path).
+
+What this module owns: instance masks and semantic label maps of one image produced at the
+resized (and possibly flipped) size in one step, instead of decoding them at the original size and
+resizing them (`transforms.resize_sample`, the reference path).
+
+  * polygons: the coordinates are scaled by (w_scale, h_scale) (and mirrored, x' = W - x) and
+    rasterised at (H, W) by pycocotools -- no full-resolution bitmap, no resize. The masks differ
+    from "rasterise at the original size, nearest-resize, flip" only on boundary pixels (nearest
+    resizing shifts edges by up to half a source pixel; tests/data_pipeline/test_raster.py measures
+    the per-instance IoU on real COCO images);
+  * RLE segmentations (crowd regions, rare non-crowd RLEs): decoded at the original size, then
+    sampled with the nearest rule of `transforms.resize_nearest` (src = floor(dst * h / H) in
+    float32, as PyTorch and OpenCV compute it), mirrored when flipped: exactly the reference;
+  * semantic maps at `stride` (the semantic head's 1/8; the loss reads only every 8th pixel of the
+    padded full-resolution map: `HTC._downscale_labels`): the samples at rows 0, s, 2s, ... and
+    columns 0, s, 2s, ... of the resized (flipped) map, gathered straight from the original
+    stuff map -- bit-identical to the reference for stuff maps.
+"""
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch import Tensor
+
+
+def nearest_source_index(src: int, dst: int, step: int = 1, flip: bool = False) -> np.ndarray:
+    """Source indices read by a nearest resize src -> dst (PyTorch's / OpenCV's rule,
+    floor(i * (src / dst)) in float32, identity when equal) at the output positions
+    0, step, 2*step, ... < dst, of the output mirrored when `flip`. (ceil(dst / step),) int64."""
+    out = np.arange(0, dst, step, dtype=np.int64)
+    if flip:
+        out = dst - 1 - out
+    if src == dst:
+        return out
+    scale = np.float32(src) / np.float32(dst)
+    return np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), src - 1)
+
+
+def rasterise_polygons(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[float, float],
+                       size: Tuple[int, int], flip: bool = False) -> Tensor:
+    """(G, H, W) bool masks of G polygon instances (each a list of flat [x0, y0, x1, y1, ...]
+    polygons in original pixels), scaled by `scale` = (w_scale, h_scale), mirrored (x' = W - x)
+    when `flip`, rasterised at `size` = (H, W). Memory layout (G, W, H) (pycocotools' column
+    order, not copied); the bool tensor is a view of pycocotools' 0/1 bytes."""
+    h, w = size
+    if len(instances) == 0:
+        return torch.zeros(0, h, w, dtype=torch.bool)
+    sx, sy = scale
+    polys, owner = [], []
+    for k, inst in enumerate(instances):
+        for p in inst:
+            xy = np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy)
+            if flip:
+                xy[:, 0] = w - xy[:, 0]
+            polys.append(xy.ravel())
+            owner.append(k)
+    rles = mask_utils.frPyObjects(polys, h, w)
+    merged, start = [], 0
+    for k in range(len(instances)):
+        n = len(instances[k])
+        merged.append(rles[start] if n == 1 else mask_utils.merge(rles[start:start + n]))
+        start += n
+    masks = mask_utils.decode(merged)  # (H, W, G) uint8, Fortran order
+    return torch.from_numpy(masks).permute(2, 0, 1).view(torch.bool)
+
+
+def decode_rle(seg: dict, height: int, width: int) -> np.ndarray:
+    """(h, w) uint8 0/1 of an uncompressed (counts list) or compressed (counts str) COCO RLE."""
+    if isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        counts = seg["counts"]
+        rle = {"size": list(seg["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode([rle])[:, :, 0]
+
+
+def sample_grid(full: np.ndarray, size: Tuple[int, int], step: int = 1, flip: bool = False) -> np.ndarray:
+    """(..., h, w) array at the original size -> its nearest resize to `size` = (H, W), mirrored
+    when `flip`, sampled every `step` pixels: (..., ceil(H / step), ceil(W / step))."""
+    rows = nearest_source_index(full.shape[-2], size[0], step)
+    cols = nearest_source_index(full.shape[-1], size[1], step, flip)
+    return full[..., rows[:, None], cols[None, :]]
+
+
+def paint_labels(masks: np.ndarray, values: Sequence[int], areas: Sequence[float],
+                 fill: int = 255) -> np.ndarray:
+    """(h, w) uint8 label map: `values[i]` where (G, h, w) `masks[i]` is set, instances painted in
+    decreasing `areas` (stable) so that smaller ones win overlaps, `fill` elsewhere."""
+    out = np.full(masks.shape[1:], fill, dtype=np.uint8)
+    for i in sorted(range(len(values)), key=lambda k: -areas[k]):
+        out[masks[i] != 0] = values[i]
+    return out
