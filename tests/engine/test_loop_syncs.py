@@ -2,74 +2,23 @@
 with htc_fast.diagnostics.count_ops around single iterations of TrainLoop on a sync-free toy model,
 so every sync counted is the loop's (lr schedule, loss window, fused SGD step, log/checkpoint
 checks). Also: the fused optimizer's op count does not grow with the number of parameters."""
-from pathlib import Path
-
 import pytest
 import torch
-from torch import nn
 
 from htc_fast.config import TrainConfig
 from htc_fast.diagnostics import count_ops
-from htc_fast.engine import (Checkpoints, Dist, MetricLog, Progress, TrainingDiverged, TrainLoop, build_optimizer,
-                             optimizer_step)
-
-
-class _Loss:
-    """HTCLoss's interface: as_dict() and total()."""
-
-    def __init__(self, values):
-        self.values = values
-
-    def as_dict(self):
-        return self.values
-
-    def total(self):
-        return sum(v for k, v in self.values.items() if "loss" in k)
-
-
-class _ToyNet(nn.Module):
-    """A sync-free 'detector': two losses and an accuracy-like value from a few linear layers."""
-
-    def __init__(self, layers=3, poison_at=None):
-        super().__init__()
-        self.layers = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
-        self.calls, self.poison_at = 0, poison_at
-
-    def forward(self, inputs, targets):
-        self.calls += 1
-        y = self.layers(inputs)
-        first = (y - targets).pow(2).mean()
-        if self.calls == self.poison_at:
-            first = first * float("nan")
-        return _Loss({"loss_a": first, "loss_b": y.abs().mean(), "acc": (y > 0).float().mean() * 100})
-
-
-class _Batch:
-    def __init__(self, gen):
-        self.inputs, self.targets = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
-        self.image_ids = [0, 1, 2, 3]
-
-    def to(self, device, non_blocking=False):
-        return self.inputs.to(device, non_blocking=non_blocking), self.targets.to(device, non_blocking=non_blocking)
-
-
-def _loop(tmp_path: Path, net, log_interval=5, ckpt_interval=0, clip_grad=None, total_iters=100):
-    d = Dist(0, 1, torch.device("cpu"))
-    cfg = TrainConfig(warmup_iters=3, epochs=2, lr_steps=(1,), lr=0.01)
-    return TrainLoop(net, net, build_optimizer(net, cfg), cfg, base_lr=0.01, total_iters=total_iters, d=d,
-                     progress=Progress(), checkpoints=Checkpoints(tmp_path, "toy", []),
-                     log=MetricLog(tmp_path, total_iters, 4), log_interval=log_interval,
-                     ckpt_interval=ckpt_interval, clip_grad=clip_grad)
+from htc_fast.engine import TrainingDiverged, build_optimizer, optimizer_step
+from tests.engine.toy import Batch, ToyNet, toy_loop
 
 
 @pytest.mark.parametrize("clip_grad", [None, 1.0])
 def test_iterations_between_log_lines_do_not_sync(tmp_path, clip_grad, capsys):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
-    loop = _loop(tmp_path, _ToyNet(), log_interval=5, ckpt_interval=10, clip_grad=clip_grad)
+    loop = toy_loop(tmp_path, ToyNet(), log_interval=5, ckpt_interval=10, clip_grad=clip_grad)
     per_iteration = []
     for _ in range(10):
         with count_ops() as c:
-            loop.train_step(_Batch(gen))
+            loop.train_step(Batch(gen))
         per_iteration.append((loop.progress.iteration, c.syncs, c.report()))
     for iteration, syncs, report in per_iteration:
         if iteration % 5:
@@ -87,8 +36,8 @@ def test_window_means_equal_the_per_iteration_values(tmp_path):
     """The log line's means are the means of the values each iteration produced (read eagerly
     here, outside the loop, as the reference)."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
-    net = _ToyNet()
-    loop = _loop(tmp_path, net, log_interval=4)
+    net = ToyNet()
+    loop = toy_loop(tmp_path, net, log_interval=4)
     seen = []
     real = net.forward
 
@@ -99,7 +48,7 @@ def test_window_means_equal_the_per_iteration_values(tmp_path):
 
     net.forward = recording
     for _ in range(3):
-        loop.train_step(_Batch(gen))
+        loop.train_step(Batch(gen))
     means = loop.window.read(loop.d, 3, None)
     for k in ("loss_a", "loss_b", "acc"):
         assert means[k] == pytest.approx(sum(s[k] for s in seen) / 3, rel=1e-6)
@@ -108,17 +57,17 @@ def test_window_means_equal_the_per_iteration_values(tmp_path):
 
 def test_nan_is_found_at_the_next_log_line_naming_the_window(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    loop = _loop(tmp_path, _ToyNet(poison_at=7), log_interval=5)
+    loop = toy_loop(tmp_path, ToyNet(poison_at=7), log_interval=5)
     with pytest.raises(TrainingDiverged, match=r"between iterations 6 and 10; last good checkpoint: none"):
         for _ in range(10):
-            loop.train_step(_Batch(gen))
+            loop.train_step(Batch(gen))
     assert loop.progress.iteration == 10
 
 
 def test_fused_sgd_op_count_does_not_grow_with_the_parameters():
     counts = []
     for layers in (2, 12):
-        net = _ToyNet(layers)
+        net = ToyNet(layers)
         opt = build_optimizer(net, TrainConfig())
         assert opt.defaults["fused"]
         x = torch.randn(4, 8)
