@@ -217,3 +217,19 @@ def test_the_path_patterns_catch_what_they_should():
     assert all(_MACHINE_PATH.search(s) for s in bad)
     assert not any(_MACHINE_PATH.search(s) for s in good)
     assert _OUTSIDE_NOTES.search("see " + "HTC_SPEC" + ".md step 4")
+
+
+def test_readme_model_table_matches_the_weights_table():
+    from htc_fast.weights import RELEASED
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines()
+            if line.startswith("| `htc_")}
+    commands = {args[args.index("--config") + 1] for _, module, args in _cli_commands()
+                if module == "htc_fast.evaluate" and "released" in args and "--config" in args}
+    for preset, row in RELEASED.items():
+        assert preset in rows, f"README: no model-table row for {preset}"
+        cells = [c.strip() for c in rows[preset].split("|")]
+        assert row.url in rows[preset], f"README: {preset}'s row does not link {row.url}"
+        assert cells[-3:-1] == [f"{row.box_ap:.1f}", f"{row.mask_ap:.1f}"], rows[preset]
+        assert preset in commands, f"README: no evaluate command for {preset}"
