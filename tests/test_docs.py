@@ -233,3 +233,17 @@ def test_readme_model_table_matches_the_weights_table():
         assert row.url in rows[preset], f"README: {preset}'s row does not link {row.url}"
         assert cells[-3:-1] == [f"{row.box_ap:.1f}", f"{row.mask_ap:.1f}"], rows[preset]
         assert preset in commands, f"README: no evaluate command for {preset}"
+
+
+def test_repository_paths_the_docs_name_exist():
+    top = "htc_fast|csrc|kernels|tests|benchmarks|scripts|docs|\\.ci"
+    pattern = rf"(?<![\w/.-])((?:{top})/[\w./<>*-]*)"
+    for doc in DOCS:
+        for path in set(re.findall(pattern, doc.read_text())):
+            path = path.rstrip(".")
+            if "<" in path or "my_op" in path:
+                continue  # a placeholder in a recipe
+            if "*" in path:
+                assert list(ROOT.glob(path)), f"{doc.name} names {path}, which matches nothing"
+            else:
+                assert (ROOT / path).exists(), f"{doc.name} names {path}, which does not exist"
