@@ -1,4 +1,4 @@
-"""``python -m htc_fast.train``: train HTC on COCO -- one readable loop (docs/model.md, "Training").
+"""``python -m htc_fast.train``: train HTC on COCO -- one readable loop (docs/architecture.md).
 
     python -m htc_fast.train                                    # built-in default (see below)
     python -m htc_fast.train --config htc_r50_fpn_1x --data-root data/coco \\
