@@ -40,12 +40,13 @@ class Predictor:
             preset's released checkpoint, downloaded once); None keeps random weights.
         device: "cpu", "cuda", ...; default cuda if available.
         amp: None, "bf16" or "fp16": autocast on CUDA (features in low precision, boxes in fp32).
-        compile: torch.compile the backbone, FPN and heads (htc_fast.model.acceleration).
+        compile: torch.compile the backbone, FPN and heads (htc_fast.model.acceleration); True,
+            or a dict of torch.compile arguments (e.g. {"mode": "max-autotune"}).
         channels_last: run the convolutions in channels-last memory format.
     """
 
     def __init__(self, config="htc_r50_fpn_1x", checkpoint=None, device=None, amp=None, overrides=(), *,
-                 compile: bool = False, channels_last: bool = False):
+                 compile=False, channels_last: bool = False):
         check_amp(amp)
         self.cfg = get_config(config, overrides)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -6,7 +6,7 @@ while the device runs the current one; results reach the host when the caller re
 """
 import contextlib
 import warnings
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -29,19 +29,22 @@ def autocast(device: torch.device, amp: Optional[str]):
     return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
-def prepare_model(model, *, compile: bool = False, channels_last: bool = False):
+def prepare_model(model, *, compile: Union[bool, dict] = False, channels_last: bool = False):
     """Apply the speed switches of htc_fast.model.acceleration in place: channels_last converts the
     model's 4-D weights to the channels-last memory format; compile wraps backbone, FPN and heads in
-    torch.compile. Both keep the results within float tolerance of the eager, contiguous model
-    (tests/inference/test_switches.py). Returns the model."""
-    if not (compile or channels_last):
-        return model
+    torch.compile (compile: True, or a dict of torch.compile arguments such as
+    {"backend": "aot_eager"}). Both keep the results within float tolerance of the eager,
+    contiguous model (tests/inference/test_switches.py). Returns the model."""
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {type(compile).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     from htc_fast.model import acceleration
 
     if channels_last:
         model = acceleration.to_channels_last(model)
-    if compile:
-        model = acceleration.compile_model(model)
+    if compile is not False:
+        model = acceleration.compile_model(model, **({} if compile is True else compile))
     return model
 
 
