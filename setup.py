@@ -8,7 +8,8 @@ What gets built (decided once, printed, never guessed silently):
 Environment knobs:
   HTC_FAST_SKIP_EXTENSION=1  pure-Python install; ops use the reference backend
   FORCE_CUDA=1 / FORCE_CUDA=0  compile (or skip) the CUDA sources regardless of what is detected
-  TORCH_CUDA_ARCH_LIST       archs to compile for (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST       archs to compile for (default "8.0;9.0+PTX": SASS for A100 and H100,
+                             plus PTX of the newest so newer GPUs JIT-compile it)
   NVCC_FLAGS                 extra nvcc flags, appended
   MAX_JOBS                   parallel compile jobs (ninja); 2 is right on a 2-core machine
   CUDA_HOME                  the toolkit root (the folder holding bin/nvcc, include/cuda.h)
@@ -78,6 +79,17 @@ def nvidia_wheel_include_dirs():
     return list(dict.fromkeys(dirs))
 
 
+# Archs compiled when TORCH_CUDA_ARCH_LIST is unset. "+PTX" embeds the newest arch's PTX too, so
+# the build also runs (JIT-compiled once by the driver) on GPUs newer than H100.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def nvcc_flags():
+    """The project's own nvcc flags (torch adds its common ones, the archs and -std).
+    scripts/check_cuda_resources.py compiles with these too, so what it checks is what ships."""
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + os.environ.get("NVCC_FLAGS", "").split()
+
+
 def extension_modules():
     if _env_flag("HTC_FAST_SKIP_EXTENSION"):
         _log("HTC_FAST_SKIP_EXTENSION=1: not building htc_fast._C (ops use the reference backend)")
@@ -113,11 +125,10 @@ def extension_modules():
     extra = {"cxx": cxx_flags}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         include_dirs += nvidia_wheel_include_dirs()
         define_macros.append(("HTC_FAST_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + \
-            os.environ.get("NVCC_FLAGS", "").split()
+        extra["nvcc"] = nvcc_flags()
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
@@ -144,12 +155,14 @@ def extension_modules():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extension_modules()
-
-setup(
-    # Every package under htc_fast/, plus the Triton kernels shipped as htc_fast.kernels.
-    packages=find_packages(include=["htc_fast", "htc_fast.*"]) + ["htc_fast.kernels"],
-    package_dir={"htc_fast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# setuptools (pip's build backend included) runs this file as __main__; the guard lets
+# scripts/check_cuda_resources.py import the helpers above without starting a build.
+if __name__ == "__main__":
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        # Every package under htc_fast/, plus the Triton kernels shipped as htc_fast.kernels.
+        packages=find_packages(include=["htc_fast", "htc_fast.*"]) + ["htc_fast.kernels"],
+        package_dir={"htc_fast.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
