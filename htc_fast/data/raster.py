@@ -42,28 +42,30 @@ def rasterise_polygons(instances: Sequence[Sequence[Sequence[float]]], scale: Tu
                        size: Tuple[int, int], flip: bool = False) -> Tensor:
     """(G, H, W) bool masks of G polygon instances (each a list of flat [x0, y0, x1, y1, ...]
     polygons in original pixels), scaled by `scale` = (w_scale, h_scale), mirrored (x' = W - x)
-    when `flip`, rasterised at `size` = (H, W). Memory layout (G, W, H) (pycocotools' column
-    order, not copied); the bool tensor is a view of pycocotools' 0/1 bytes."""
+    when `flip`, rasterised at `size` = (H, W) by pycocotools.
+
+    Each instance is rasterised in its own bounding window (a pixel of margin, clipped to the
+    image) and written there: pycocotools' rasteriser is invariant to integer shifts, so this is
+    its full-image result, for work proportional to the boxes' areas, not G x H x W. The rest of
+    the output is calloc'ed zeros that are never written here."""
     h, w = size
-    if len(instances) == 0:
-        return torch.zeros(0, h, w, dtype=torch.bool)
+    out = np.zeros((len(instances), h, w), dtype=np.uint8)
     sx, sy = scale
-    polys, owner = [], []
     for k, inst in enumerate(instances):
-        for p in inst:
-            xy = np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy)
-            if flip:
+        polys = [np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy) for p in inst]
+        if flip:
+            for xy in polys:
                 xy[:, 0] = w - xy[:, 0]
-            polys.append(xy.ravel())
-            owner.append(k)
-    rles = mask_utils.frPyObjects(polys, h, w)
-    merged, start = [], 0
-    for k in range(len(instances)):
-        n = len(instances[k])
-        merged.append(rles[start] if n == 1 else mask_utils.merge(rles[start:start + n]))
-        start += n
-    masks = mask_utils.decode(merged)  # (H, W, G) uint8, Fortran order
-    return torch.from_numpy(masks).permute(2, 0, 1).view(torch.bool)
+        lo = np.min([xy.min(0) for xy in polys], axis=0)
+        hi = np.max([xy.max(0) for xy in polys], axis=0)
+        x0, y0 = max(int(np.floor(lo[0])) - 1, 0), max(int(np.floor(lo[1])) - 1, 0)
+        x1, y1 = min(int(np.ceil(hi[0])) + 2, w), min(int(np.ceil(hi[1])) + 2, h)
+        if x1 <= x0 or y1 <= y0:
+            continue  # entirely outside the image
+        rles = mask_utils.frPyObjects([(xy - (x0, y0)).ravel() for xy in polys], y1 - y0, x1 - x0)
+        rle = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+        out[k, y0:y1, x0:x1] = mask_utils.decode([rle])[:, :, 0]
+    return torch.from_numpy(out).view(torch.bool)
 
 
 def decode_rle(seg: dict, height: int, width: int) -> np.ndarray:

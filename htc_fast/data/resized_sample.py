@@ -32,10 +32,14 @@ def rgb_tensor(array: np.ndarray) -> Tensor:
 
 
 def resized_image(array: np.ndarray, size: Tuple[int, int], flip: bool) -> Tensor:
-    """(3, H, W) uint8 of a decoded (h, w, 3) image resized to `size`, mirrored when `flip`."""
+    """(3, H, W) uint8 (channels-last memory) of a decoded (h, w, 3) image resized to `size`,
+    mirrored when `flip`. The source is mirrored before resizing (fewer pixels to move): the
+    bilinear sampling positions are symmetric, so this is the resized image mirrored (the tests
+    compare it with `flip_sample(resize_sample(...))` bit for bit)."""
     image = rgb_tensor(array)
-    out = resize(image, size) if tuple(size) != tuple(image.shape[1:]) else image.clone()
-    return out.flip(-1) if flip else out
+    if flip:
+        image = image.flip(-1)
+    return resize(image, size) if tuple(size) != tuple(image.shape[1:]) else image.clone()
 
 
 def _instance_masks(ds: "CocoDetection", rec, instances, scale, size, flip) -> Tensor:

@@ -129,8 +129,10 @@ def test_test_loader_keeps_ids_and_matches_inference_preprocessing():
     assert list(inputs.image_shapes) == list(ref.image_shapes) and list(inputs.scale_factors) == list(ref.scale_factors)
 
 
-def test_a_loader_batch_trains_the_model(train_set):
-    """End to end: the tiny HTC (80 classes, 183 semantic classes) takes a collated batch."""
+@pytest.mark.parametrize("stride", [1, 8])
+def test_a_loader_batch_trains_the_model(stride):
+    """End to end: the tiny HTC (80 classes, 183 semantic classes) takes a collated batch, with
+    full semantic maps (downscaled by the model) or maps already at the head's stride 8."""
     import dataclasses
 
     from htc_fast.config import htc_tiny
@@ -140,8 +142,29 @@ def test_a_loader_batch_trains_the_model(train_set):
     model_cfg = dataclasses.replace(cfg.model, num_classes=80,
                                     semantic=dataclasses.replace(cfg.model.semantic, num_classes=183))
     model = build_htc(model_cfg).train()
+    train_set = CocoDetection(ANN_FILE, IMAGE_DIR, semantic="from_instances", transform=TrainTransform(SMALL),
+                              semantic_stride=stride)
     loader = build_train_loader(train_set, SMALL, batch_size=2, seed=random.randrange(1000), workers=0)
     inputs, targets = next(iter(loader))
+    assert targets.semantic.shape[1:] == (inputs.images.shape[2] // stride, inputs.images.shape[3] // stride)
     loss = model(inputs, targets)
     assert loss.roi.semantic is not None and all(torch.isfinite(v) for v in loss.as_dict().values())
     loss.total().backward()
+
+
+def test_train_batches_carry_uint8_and_normalise_like_batch_images(train_set):
+    """The workers' batch is uint8 (normalised where `inputs` is read, e.g. on the GPU after
+    `to`), bit-identical to normalising on the host with `batch_images`."""
+    from htc_fast.data import batch_images
+
+    samples = [train_set[(i, 1, 2)] for i in random.sample(range(len(train_set)), 3)]
+    batch = collate_train(samples)
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape[:2] == (3, 3)
+    for j, s in enumerate(samples):
+        h, w = s.image_shape
+        assert torch.equal(batch.pixels[j, :, :h, :w], s.image)
+        assert not batch.pixels[j, :, h:].any() and not batch.pixels[j, :, :, w:].any()
+    expected = batch_images(samples)
+    for got in (batch.inputs, batch.to("cpu").inputs, batch.pin_memory().inputs):
+        assert torch.equal(got.images, expected.images)
+        assert got.image_shapes == expected.image_shapes and got.scale_factors == expected.scale_factors
