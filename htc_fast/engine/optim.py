@@ -21,16 +21,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.SGD
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
     fused = all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=fused or None, foreach=None if fused else True)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=fused or None, foreach=None if fused else True)
+    if cfg.momentum:
+        # Momentum buffers exist from the start, as zeros: the first step then computes
+        # buf = momentum * 0 + grad = grad, exactly SGD's first-step initialisation. Without them the
+        # fused kernel allocates the buffers uninitialised (empty_like) and fills them in its first
+        # step -- which it skips when a fp16 GradScaler found inf gradients (common: the initial
+        # scale overflows), leaving garbage that turns every later step into NaN.
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def optimizer_step(total: torch.Tensor, optimizer: torch.optim.Optimizer,
                    scaler: Optional[torch.amp.GradScaler] = None, clip_grad: Optional[float] = None) -> None:
     """zero_grad, backward of `total`, optional gradient-norm clipping, one optimizer step.
 
-    Host syncs: none from this function in fp32/bf16 (clip_grad_norm_ scales by a clamped device
-    factor, foreach); with fp16 the GradScaler reads its inf flag unless the optimizer is fused."""
+    Host syncs: none (clip_grad_norm_ scales by a clamped device factor; with fp16 the fused SGD
+    takes the GradScaler's inf flag and scale as device tensors, where a non-fused optimizer
+    would make GradScaler.step read the flag on the host)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()

@@ -48,10 +48,11 @@ class Batch:
         return self.inputs.to(device, non_blocking=non_blocking), self.targets.to(device, non_blocking=non_blocking)
 
 
-def toy_loop(tmp_path: Path, net, log_interval=5, ckpt_interval=0, clip_grad=None, total_iters=100):
+def toy_loop(tmp_path: Path, net, log_interval=5, ckpt_interval=0, clip_grad=None, total_iters=100, amp=None):
     d = Dist(0, 1, torch.device("cpu"))
     cfg = TrainConfig(warmup_iters=3, epochs=2, lr_steps=(1,), lr=0.01)
     return TrainLoop(net, net, build_optimizer(net, cfg), cfg, base_lr=0.01, total_iters=total_iters, d=d,
                      progress=Progress(), checkpoints=Checkpoints(tmp_path, "toy", []),
                      log=MetricLog(tmp_path, total_iters, 4), log_interval=log_interval,
-                     ckpt_interval=ckpt_interval, clip_grad=clip_grad)
+                     ckpt_interval=ckpt_interval, clip_grad=clip_grad, amp=amp,
+                     scaler=torch.amp.GradScaler("cpu") if amp == torch.float16 else None)
