@@ -200,7 +200,7 @@ def build_data(cfg, args, root, splits, d):
     from pycocotools.coco import COCO
 
     from htc_fast.data import build_train_loader, coco_train_dataset
-    from htc_fast.evaluate import coco_images
+    from htc_fast.evaluation import coco_images
 
     train_set = coco_train_dataset(root, cfg, split=splits[0], semantic=args.semantic)
     workers = default_workers(cfg.data.workers_per_gpu) if args.workers is None else args.workers
@@ -239,7 +239,7 @@ def resume(args, work_dir, model, optimizer, scaler, progress, d):
 def maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, what):
     if coco_gt is None or not val_images:
         return None
-    from htc_fast.evaluate import evaluate_model
+    from htc_fast.evaluation import evaluate_model
 
     result = evaluate_model(model, val_images, coco_gt, d.device, scale=cfg.data.test_scale, verbose=False,
                             progress=False)
