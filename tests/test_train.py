@@ -32,7 +32,7 @@ def test_builtin_default_runs_end_to_end(tmp_path, capsys):
     rc = train.main(["--work-dir", str(tmp_path), "--max-iters", "3", "--eval-limit", "3", "--log-interval", "1"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "built-in run: bbox AP" in out
+    assert "built-in run: bbox AP" in out and "no unreadable images" in out
     assert (tmp_path / "predictions.png").is_file()
     ckpt = engine.latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.name == "iter_0000003.pth"

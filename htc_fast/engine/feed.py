@@ -81,6 +81,9 @@ class SkippedImages:
         return sum(self.files.values())
 
     def summary(self, max_names: int = 5) -> str:
+        """For the run's last line (this process's batches)."""
+        if not self.files:
+            return "no unreadable images"
         names = sorted(self.files)
         shown = ", ".join(names[:max_names]) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
         return f"{self.count} unreadable image load(s) skipped ({len(names)} file(s): {shown})"
