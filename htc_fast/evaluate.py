@@ -29,8 +29,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from htc_fast.evaluation import (IOU_TYPES, CocoEvaluator, coco_images, evaluate_model, format_table,  # noqa: F401
-                                 rank_and_world, run_inference)
+from htc_fast.evaluation import (  # noqa: F401
+    IOU_TYPES,
+    CocoEvaluator,
+    coco_images,
+    evaluate_model,
+    format_table,
+    rank_and_world,
+    run_inference,
+)
 from htc_fast.inference import AMP_DTYPES, prepare_model
 
 

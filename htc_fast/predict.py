@@ -14,16 +14,25 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from htc_fast.coco_classes import COCO_CLASSES
 from htc_fast.config import get_config
 from htc_fast.evaluation.coco_format import encode_masks
-from htc_fast.inference import (AMP_DTYPES, build_inference_loader, check_amp, collate_images, list_images,
-                                predict_batches, prepare_image, prepare_model)
+from htc_fast.inference import (
+    AMP_DTYPES,
+    build_inference_loader,
+    check_amp,
+    collate_images,
+    list_images,
+    predict_batches,
+    prepare_image,
+    prepare_model,
+)
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import Detections
@@ -56,7 +65,7 @@ class Predictor:
         self.model = prepare_model(self.model.to(self.device), compile=compile, channels_last=channels_last)
         self.amp = amp
 
-    def __call__(self, images: Sequence[ImageLike], masks: Optional[str] = "bitmap") -> List[Detections]:
+    def __call__(self, images: Sequence[ImageLike], masks: Optional[str] = "bitmap") -> list[Detections]:
         """Detections per image (original pixels), the images run as one batch (padded to the
         largest); masks: "bitmap", "rle" or None. A missing, corrupt or too thin image raises a
         FileNotFoundError / ValueError naming it."""
@@ -81,12 +90,11 @@ def draw(image: torch.Tensor, det: Detections, score_thr: float, names=COCO_CLAS
     if not keep.any():
         return image
     labels = det.labels[keep].tolist()
-    colors = [tuple(int(c) for c in torch.tensor([(37 * l) % 255, (97 * l) % 255, (173 * l) % 255]))
-              for l in labels]
+    colors = [((37 * label) % 255, (97 * label) % 255, (173 * label) % 255) for label in labels]
     out = image
     if det.masks is not None:
         out = draw_segmentation_masks(out, det.masks[keep].cpu(), alpha=0.45, colors=colors)
-    text = [f"{class_name(l, names)} {s:.2f}" for l, s in zip(labels, det.scores[keep].tolist())]
+    text = [f"{class_name(label, names)} {s:.2f}" for label, s in zip(labels, det.scores[keep].tolist())]
     return draw_bounding_boxes(out, det.boxes[keep].cpu(), labels=text, colors=colors, width=2)
 
 

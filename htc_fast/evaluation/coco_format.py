@@ -5,7 +5,8 @@ Conventions are mmdetection's, so numbers compare one to one: label i is the i-t
 category id of the annotations; boxes are written as [x, y, w, h] with w = x2 - x1 (no +1);
 segm results carry no "bbox", so COCOeval's small/medium/large split uses the mask area.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -13,13 +14,13 @@ import torch
 from htc_fast.model.inputs import Detections
 
 
-def category_ids(coco) -> List[int]:
+def category_ids(coco) -> list[int]:
     """label -> category id: the sorted category ids of a pycocotools ``COCO`` (mmdetection's order;
     for COCO's 80 thing classes this is htc_fast.coco_classes.COCO_CLASSES' order)."""
     return sorted(coco.getCatIds())
 
 
-def category_to_label(coco) -> Dict[int, int]:
+def category_to_label(coco) -> dict[int, int]:
     """category id -> contiguous label in [0, num_categories), the inverse of ``category_ids``."""
     return {cat: label for label, cat in enumerate(category_ids(coco))}
 
@@ -38,7 +39,7 @@ def _rle_to_json(rle: dict) -> dict:
     return {"size": [h, w], "counts": counts}
 
 
-def encode_masks(masks: torch.Tensor) -> List[dict]:
+def encode_masks(masks: torch.Tensor) -> list[dict]:
     """(D, H, W) bool/uint8 masks -> D compressed COCO RLEs (counts as str)."""
     from pycocotools import mask as mask_utils
 
@@ -52,7 +53,7 @@ def encode_masks(masks: torch.Tensor) -> List[dict]:
 
 
 def detections_to_coco(image_id: int, det: Detections, label_to_cat: Sequence[int]
-                       ) -> Tuple[List[dict], Optional[List[dict]]]:
+                       ) -> tuple[list[dict], Optional[list[dict]]]:
     """COCO result dicts of one image's detections.
 
     Args:
@@ -70,10 +71,10 @@ def detections_to_coco(image_id: int, det: Detections, label_to_cat: Sequence[in
     labels = det.labels.detach().to("cpu").reshape(-1).tolist()
     if not (len(boxes) == len(scores) == len(labels)):
         raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
-    bad = [l for l in labels if not 0 <= l < len(label_to_cat)]
+    bad = [label for label in labels if not 0 <= label < len(label_to_cat)]
     if bad:
         raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside [0, {len(label_to_cat)})")
-    cats = [int(label_to_cat[l]) for l in labels]
+    cats = [int(label_to_cat[label]) for label in labels]
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     image_id = int(image_id)
     bbox_results = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}

@@ -3,7 +3,7 @@ per-category AP rule."""
 import contextlib
 import copy
 import io
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,7 +15,7 @@ def check_iou_types(iou_types: Sequence[str]) -> None:
         raise ValueError(f"iou_types must be a non-empty sequence of {IOU_TYPES}, got {iou_types!r}")
 
 
-def _load_results(coco_gt, results: List[dict]):
+def _load_results(coco_gt, results: list[dict]):
     """COCO.loadRes on a copy (it adds keys to the dicts it is given); an empty result list (which
     loadRes cannot take) becomes an empty result COCO object, which COCOeval scores as all misses."""
     from pycocotools.coco import COCO

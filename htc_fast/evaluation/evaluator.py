@@ -1,6 +1,7 @@
 """``CocoEvaluator``: accumulates one image's detections at a time (as COCO result dicts, so
 dense masks are not kept), gathers them across ranks and scores them with COCOeval."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -30,8 +31,8 @@ class CocoEvaluator:
         cats = coco_gt.loadCats(self.label_to_cat)
         self.class_names = tuple(class_names) if class_names is not None else tuple(c["name"] for c in cats)
         # image id -> (bbox results, segm results or None when the detections had no masks)
-        self._results: Dict[int, Tuple[List[dict], Optional[List[dict]]]] = {}
-        self._skipped: Dict[int, str] = {}  # image id -> "file: reason"
+        self._results: dict[int, tuple[list[dict], Optional[list[dict]]]] = {}
+        self._skipped: dict[int, str] = {}  # image id -> "file: reason"
 
     def __len__(self) -> int:
         return len(self._results)
@@ -73,7 +74,7 @@ class CocoEvaluator:
                 skipped.setdefault(image_id, reason)
         self._results, self._skipped = results, skipped
 
-    def coco_results(self, iou_type: str) -> List[dict]:
+    def coco_results(self, iou_type: str) -> list[dict]:
         """Every result dict of one iou type, in image-id order (what COCO.loadRes and COCO's
         test server take)."""
         check_iou_types((iou_type,))

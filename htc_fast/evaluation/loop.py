@@ -4,26 +4,26 @@ and by training at each epoch end."""
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
-import torch
 import torch.distributed as dist
 
 from htc_fast.evaluation.evaluator import CocoEvaluator
 from htc_fast.evaluation.results import IOU_TYPES, EvalResult
 from htc_fast.inference import build_inference_loader, check_amp, predict_batches
 
-ImageAndId = Tuple[Union[str, Path], int]
+ImageAndId = tuple[Union[str, Path], int]
 
 
-def rank_and_world() -> Tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def coco_images(coco_gt, img_dir: Union[str, Path], limit: Optional[int] = None) -> List[ImageAndId]:
+def coco_images(coco_gt, img_dir: Union[str, Path], limit: Optional[int] = None) -> list[ImageAndId]:
     """(path, image id) of the annotation file's images in id order; the first ``limit`` of them
     when limit is given (an integer >= 1; None means all)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

@@ -1,7 +1,7 @@
 """What a COCO evaluation returns: per-iou-type stats, optional per-category AP, the images that
 were evaluated and those skipped as unreadable, and the text table the CLI prints."""
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 IOU_TYPES = ("bbox", "segm")
 # COCOeval.stats, in its order: AP at IoU .50:.95 / .50 / .75, AP small / medium / large (all at
@@ -25,8 +25,8 @@ class CategoryAP:
 class IoUTypeResult:
     """COCOeval's result for one iou type ("bbox" or "segm")."""
     iou_type: str
-    stats: Tuple[float, ...]  # the 12 COCOeval stats, named by STAT_NAMES
-    per_category: Tuple[CategoryAP, ...] = ()  # empty unless asked for
+    stats: tuple[float, ...]  # the 12 COCOeval stats, named by STAT_NAMES
+    per_category: tuple[CategoryAP, ...] = ()  # empty unless asked for
 
     @property
     def AP(self) -> float:
@@ -61,9 +61,9 @@ class EvalResult:
     bbox: Optional[IoUTypeResult]
     segm: Optional[IoUTypeResult]
     num_images: int
-    skipped: Tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """Flat metrics with mmdetection's log names ("bbox_mAP", "segm_mAP_50", ...), for logging."""
         out = {}
         for r in (self.bbox, self.segm):

@@ -5,9 +5,10 @@ An image that cannot be used (missing, corrupt, or too thin to resize) does not 
 worker, which would end the whole loader: the item becomes an ``Unreadable`` record naming the
 file, and the caller skips it with one warning.
 """
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,11 +19,11 @@ from htc_fast.preprocess import ImageLike, as_image_tensor, rescale_size, resize
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def list_images(paths: Sequence[Union[str, Path]]) -> List[Path]:
+def list_images(paths: Sequence[Union[str, Path]]) -> list[Path]:
     """Files as given (in order; kept even if missing, so the run reports them); each folder
     replaced by the image files directly inside it, sorted by name. A folder without images is
     an error naming it."""
-    out: List[Path] = []
+    out: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -43,12 +44,12 @@ class PreparedImage:
     key: Hashable
     name: str
     image: Tensor
-    scale_factor: Tuple[float, float]
-    original_shape: Tuple[int, int]
+    scale_factor: tuple[float, float]
+    original_shape: tuple[int, int]
     original: Optional[Tensor] = None
 
     @property
-    def image_shape(self) -> Tuple[int, int]:
+    def image_shape(self) -> tuple[int, int]:
         return int(self.image.shape[1]), int(self.image.shape[2])
 
 
@@ -63,7 +64,7 @@ class Unreadable:
         return f"{self.name}: {self.reason}"
 
 
-def prepare_image(image: ImageLike, scale: Tuple[int, int], key: Hashable = None, name: Optional[str] = None,
+def prepare_image(image: ImageLike, scale: tuple[int, int], key: Hashable = None, name: Optional[str] = None,
                   keep_original: bool = False) -> PreparedImage:
     """Decode (if a path) and resize ``image`` to ``scale`` with mmdetection's keep-ratio rule.
     Raises ValueError naming the image when it is so thin that a side would round to 0 pixels
@@ -92,7 +93,7 @@ class ImageFiles(torch.utils.data.Dataset):
         keep_original: also return the decoded original image (predict draws on it).
     """
 
-    def __init__(self, items: Sequence[Tuple[ImageLike, Hashable]], scale: Tuple[int, int],
+    def __init__(self, items: Sequence[tuple[ImageLike, Hashable]], scale: tuple[int, int],
                  keep_original: bool = False):
         self.items = list(items)
         self.scale = tuple(scale)

@@ -6,9 +6,10 @@ largest size, rounded up to a multiple of 32. An image therefore sees a differen
 in a batch than alone, which changes the features near its bottom/right border slightly (see
 tests/inference/test_batched.py for how much).
 """
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,8 +26,8 @@ class InferenceBatch:
     """inputs: the model's input for ``images`` (None when every image of the batch was unreadable);
     images: the readable ones, in order (inputs' image i is images[i]); unreadable: the others."""
     inputs: Optional[ImageBatch]
-    images: List[PreparedImage]
-    unreadable: List[Unreadable] = field(default_factory=list)
+    images: list[PreparedImage]
+    unreadable: list[Unreadable] = field(default_factory=list)
 
     def to(self, device, non_blocking: bool = False) -> "InferenceBatch":
         if self.inputs is None:
@@ -54,7 +55,7 @@ def collate_images(items: Sequence[Union[PreparedImage, Unreadable]], mean=MEAN,
     return InferenceBatch(inputs, images, unreadable)
 
 
-def build_inference_loader(items: Sequence[Tuple[ImageLike, Hashable]], scale: Tuple[int, int], *,
+def build_inference_loader(items: Sequence[tuple[ImageLike, Hashable]], scale: tuple[int, int], *,
                            batch_size: int = 1, workers: int = 0, rank: int = 0, world_size: int = 1,
                            keep_original: bool = False, mean=MEAN, std=STD, size_divisor: int = 32) -> DataLoader:
     """DataLoader of InferenceBatches over ``items`` ((source, key) pairs, see ImageFiles), in order.

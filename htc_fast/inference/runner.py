@@ -6,7 +6,8 @@ while the device runs the current one; results reach the host when the caller re
 """
 import contextlib
 import warnings
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from collections.abc import Iterable, Iterator
+from typing import Optional, Union
 
 import torch
 
@@ -49,7 +50,7 @@ def prepare_model(model, *, compile: Union[bool, dict] = False, channels_last: b
 
 
 def predict_batches(model, batches: Iterable[InferenceBatch], device, *, amp: Optional[str] = None,
-                    masks: Optional[str] = "rle") -> Iterator[Tuple[InferenceBatch, List[Detections]]]:
+                    masks: Optional[str] = "rle") -> Iterator[tuple[InferenceBatch, list[Detections]]]:
     """For each batch: (batch, one Detections per batch.images). Batches whose images were all
     unreadable yield an empty list. The model must be in eval mode; gradients are off."""
     device = torch.device(device)

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from htc_fast.inference import (ImageFiles, PreparedImage, Unreadable, build_inference_loader, list_images,
-                                prepare_image)
+from htc_fast.inference import ImageFiles, PreparedImage, Unreadable, build_inference_loader, list_images, prepare_image
 from htc_fast.preprocess import load_image, rescale_size, resize
 from tests.inference.conftest import PHOTOS
 
