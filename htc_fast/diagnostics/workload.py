@@ -74,8 +74,10 @@ def main(argv=None):
     parser.add_argument("--sites", type=int, default=0, help="also print this many sync sites and top ops")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = build_htc(get_config(args.preset))
-    batch, targets = synthetic_batch(args.images, *args.size)
+    cfg = get_config(args.preset).model
+    model = build_htc(cfg)
+    batch, targets = synthetic_batch(args.images, *args.size, num_classes=cfg.num_classes,
+                                     stuff_classes=cfg.semantic.num_classes)
     for name, counts in (("train fwd+bwd", count_train_step(model, batch, targets,
                                                            generator=torch.Generator().manual_seed(0))),
                          ("predict", count_predict(model, batch))):

@@ -220,36 +220,62 @@ class HTCRoIHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_shapes, scale_factors,
-                *, with_masks=True) -> List[CascadeDetections]:
-        """Cascade inference.
+                *, with_masks=True, proposal_valid: Optional[Sequence[Tensor]] = None) -> List[CascadeDetections]:
+        """Cascade inference; detections sized to each image (one host sync reads all counts).
 
-        proposals: per image (K_i, 4) (network-input pixels); image_shapes: per image (h, w)
-        before padding; scale_factors: per image (w_scale, h_scale) from the original image to the
-        network input. Class scores are the softmax of the mean of the three stages' logits, each
-        on its own stage's RoIs; boxes are the last stage's regression; masks merge the stages'
-        sigmoids by `roi.mask_merge`.
+        proposals: per image (K_i, 4) (network-input pixels); proposal_valid: per image (K_i,)
+        bool, False for padding (None: all real); image_shapes: per image (h, w) before padding;
+        scale_factors: per image (w_scale, h_scale) from the original image to the network input.
+        Class scores are the softmax of the mean of the three stages' logits, each on its own
+        stage's RoIs; boxes are the last stage's regression; masks merge the stages' sigmoids by
+        `roi.mask_merge`.
         """
+        padded, counts = self.predict_padded(feats, proposals, image_shapes, scale_factors, with_masks=with_masks,
+                                             proposal_valid=proposal_valid)
+        counts = counts.tolist()  # the one sync: detections leave fixed capacity here
+        return [CascadeDetections(*(None if t is None else t[:k] for t in d)) for d, k in zip(padded, counts)]
+
+    @torch.no_grad()
+    def predict_padded(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_shapes, scale_factors,
+                       *, with_masks=True, proposal_valid: Optional[Sequence[Tensor]] = None):
+        """``predict`` at a fixed capacity without host synchronisation: per image
+        ``CascadeDetections`` of test.max_per_img rows (the first num_dets real, padding after:
+        zeros, labels -1, mask probabilities 0) and an (N,) int64 device tensor of num_dets."""
         semantic_feat = self.semantic_head(feats).feat if self.semantic_head is not None else None
         counts = [len(p) for p in proposals]
-        boxes = [p.float() for p in proposals]
+        device = feats[0].device
+        boxes = torch.cat([p.float() for p in proposals]).to(device)
+        bounds = torch.tensor([[float(h), float(w)] for h, w in image_shapes], device=device)
+        bounds = bounds.repeat_interleave(torch.tensor(counts, device=device), dim=0, output_size=len(boxes))
+        image_of = torch.arange(len(counts), device=device).repeat_interleave(
+            torch.tensor(counts, device=device), output_size=len(boxes))
+        rois = torch.cat([image_of[:, None].to(boxes.dtype), boxes], dim=1)
         logits_sum = None
         for i, stage in enumerate(self.roi.stages):
-            rois = rois_from(boxes).to(feats[0].device)
             out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
             logits_sum = out.cls_logits if logits_sum is None else logits_sum + out.cls_logits
-            boxes = [decode_boxes(b, d, stage.target_means, stage.target_stds, max_shape=shape)
-                     for b, d, shape in zip(boxes, out.deltas.float().split(counts), image_shapes)]
-        scores = torch.softmax(logits_sum.float() / float(len(self.roi.stages)), dim=1).split(counts)
-        results = []
-        for b, sc, scale in zip(boxes, scores, scale_factors):
-            nms = multiclass_nms(b, sc, self.test.score_thr, self.test.nms_iou, self.test.max_per_img)
+            boxes = decode_boxes(rois[:, 1:], out.deltas.float(), stage.target_means, stage.target_stds,
+                                 max_shape=bounds)
+            rois = torch.cat([rois[:, :1], boxes], dim=1)
+        scores = torch.softmax(logits_sum.float() / float(len(self.roi.stages)), dim=1)
+        if proposal_valid is not None:
+            # Padding proposals score 0 for every class: never above the score threshold.
+            scores = scores * torch.cat(list(proposal_valid)).to(device=device, dtype=scores.dtype)[:, None]
+        results, nums = [], []
+        for b, sc, scale in zip(boxes.split(counts), scores.split(counts), scale_factors):
+            if len(b) == 0:  # no proposals (a host-known shape): pad one row that cannot score
+                b, sc = b.new_zeros(1, 4), sc.new_zeros(1, sc.shape[1])
+            nms = multiclass_nms(b, sc, self.test.score_thr, self.test.nms_iou, self.test.max_per_img, padded=True)
             original = nms.boxes / nms.boxes.new_tensor([scale[0], scale[1], scale[0], scale[1]])
             results.append(CascadeDetections(original, nms.boxes, nms.scores, nms.labels, None))
+            nums.append(nms.num_dets)
         if with_masks:
             results = self._predict_masks(feats, semantic_feat, results)
-        return results
+        return results, torch.stack(nums) if nums else torch.zeros(0, dtype=torch.long, device=device)
 
     def _predict_masks(self, feats, semantic_feat, dets: List[CascadeDetections]) -> List[CascadeDetections]:
+        """Merged mask probabilities for every detection row (padding rows have label -1, which
+        ``htc_mask_probs`` turns into zero masks)."""
         rois = rois_from([d.input_boxes for d in dets]).to(feats[0].device)
         labels = torch.cat([d.labels for d in dets])
         x = self.extract(feats, semantic_feat, rois, self.roi.mask_roi_size)

@@ -114,7 +114,8 @@ class RPNHead(nn.Module):
         return self.anchor_generator.grid_anchors(sizes, device=output.cls_logits[0].device)
 
     def proposals(self, output: RPNOutput, image_sizes: Sequence[Tuple[int, int]],
-                  training: Optional[bool] = None, nms_backend: Optional[str] = None) -> List[Proposals]:
+                  training: Optional[bool] = None, nms_backend: Optional[str] = None,
+                  padded: bool = False) -> List[Proposals]:
         """Proposals per image (no gradient).
 
         Args:
@@ -123,13 +124,15 @@ class RPNHead(nn.Module):
             training: use the training limits (2000/2000) instead of the test ones (1000/1000);
                 None follows ``self.training``.
             nms_backend: forwarded to ``htc_fast.ops.batched_nms``.
+            padded: fixed-capacity proposals with ``valid`` flags and no host sync (see
+                ``rpn_proposals``); the model's own training and inference use this.
         """
         training = self.training if training is None else training
         nms_pre = self.train_nms_pre if training else self.test_nms_pre
         max_per_img = self.train_max_per_img if training else self.test_max_per_img
         return rpn_proposals(output.cls_logits, output.bbox_deltas, self.anchors(output), image_sizes,
                              self.coder, nms_pre, max_per_img, self.nms_iou_threshold,
-                             self.min_bbox_size, nms_backend=nms_backend)
+                             self.min_bbox_size, nms_backend=nms_backend, padded=padded)
 
     def targets(self, output: RPNOutput, gt_boxes: Sequence[Tensor], image_sizes: Sequence[Tuple[int, int]],
                 pad_shapes: Optional[Sequence[Tuple[int, int]]] = None,

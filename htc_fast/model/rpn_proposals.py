@@ -27,11 +27,15 @@ class Proposals(NamedTuple):
     boxes: (K, 4) float32 xyxy in network-input pixels, clipped to the image.
     scores: (K,) float32 sigmoid objectness.
     levels: (K,) int64 FPN level (0 = stride 4) each proposal came from.
+    valid: None when compact; with ``padded=True`` K is fixed (max_per_img) and valid is (K,) bool,
+        True for the first ``num`` rows (the proposals), False for padding (boxes and scores 0,
+        levels -1).
     """
 
     boxes: Tensor
     scores: Tensor
     levels: Tensor
+    valid: Optional[Tensor] = None
 
 
 def _check(cls_logits, bbox_deltas, anchors, image_sizes):
@@ -57,7 +61,7 @@ def _check(cls_logits, bbox_deltas, anchors, image_sizes):
 def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], anchors: Sequence[Tensor],
                   image_sizes: Sequence[Tuple[int, int]], coder: DeltaXYWHBoxCoder, nms_pre: int,
                   max_per_img: int, iou_threshold: float = 0.7, min_bbox_size: float = 0.0,
-                  nms_backend: Optional[str] = None) -> List[Proposals]:
+                  nms_backend: Optional[str] = None, padded: bool = False) -> List[Proposals]:
     """Proposals for each image of a batch.
 
     Args:
@@ -71,42 +75,69 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
         iou_threshold: per-level NMS IoU threshold.
         min_bbox_size: boxes need width > this and height > this (mmdet: a value < 0 disables).
         nms_backend: ``backend=`` of ``htc_fast.ops.batched_nms``.
+        padded: fixed-capacity proposals (see ``Proposals.valid``) without host synchronisation:
+            too-small boxes enter the NMS with score -inf (they sort after every real candidate,
+            so they suppress none) and the NMS has a fixed capacity.
 
     Returns:
         One ``Proposals`` per image.
     """
     _check(cls_logits, bbox_deltas, anchors, image_sizes)
+    n = len(image_sizes)
+    # All images at once up to the NMS: per level the nms_pre best anchors of each image.
+    level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
+    for level, (logits, deltas, level_anchor) in enumerate(zip(cls_logits, bbox_deltas, anchors)):
+        # (N, A, H, W) -> (N, H, W, A): the (y, x, anchor) order of the anchors. Scores and geometry
+        # in float32 even when the head ran in low precision (AMP).
+        # The sigmoid runs image by image: on CPU a vectorised kernel and its scalar tail differ in
+        # the last bit, so one pass over the batch would move the tail and change tie order.
+        scores = torch.stack([x.permute(1, 2, 0).reshape(-1).float().sigmoid() for x in logits])
+        d = deltas.permute(0, 2, 3, 1).reshape(n, -1, 4).float()
+        a = level_anchor.expand(n, -1, -1)
+        if 0 < nms_pre < scores.shape[1]:
+            # A stable sort: ties (saturated sigmoids are exactly 1.0) are broken by anchor
+            # index, as mmdet's sort does on CPU and CUDA.
+            scores, order = scores.sort(dim=1, descending=True, stable=True)
+            scores, order = scores[:, :nms_pre], order[:, :nms_pre]
+            d = d.gather(1, order[..., None].expand(-1, -1, 4))
+            a = level_anchor[order]
+        level_scores.append(scores)
+        level_deltas.append(d)
+        level_anchors.append(a)
+        level_ids.append(torch.full((scores.shape[1],), level, dtype=torch.long, device=scores.device))
+    scores = torch.cat(level_scores, dim=1)
+    ids = torch.cat(level_ids)
+    total = scores.shape[1]
+    bounds = torch.tensor([[float(h), float(w)] for h, w in image_sizes], device=scores.device)
+    boxes = coder.decode(torch.cat(level_anchors, dim=1).reshape(-1, 4), torch.cat(level_deltas, dim=1).reshape(-1, 4),
+                         max_shape=bounds.repeat_interleave(total, dim=0)).reshape(n, total, 4)
+    if min_bbox_size >= 0:
+        big = ((boxes[..., 2] - boxes[..., 0]) > min_bbox_size) & ((boxes[..., 3] - boxes[..., 1]) > min_bbox_size)
+    else:
+        big = torch.ones_like(scores, dtype=torch.bool)
+    if padded:
+        group = max(s.shape[1] for s in level_scores)
+        return [_padded_nms(boxes[i], scores[i], ids, big[i], iou_threshold, max_per_img, group, nms_backend)
+                for i in range(n)]
     results = []
-    for i, image_size in enumerate(image_sizes):
-        level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
-        for level, (logits, deltas, level_anchor) in enumerate(zip(cls_logits, bbox_deltas, anchors)):
-            # (A, H, W) -> (H, W, A): the (y, x, anchor) order of the anchors. Scores and geometry
-            # in float32 even when the head ran in low precision (AMP).
-            scores = logits[i].permute(1, 2, 0).reshape(-1).float().sigmoid()
-            d = deltas[i].permute(1, 2, 0).reshape(-1, 4).float()
-            a = level_anchor
-            if 0 < nms_pre < scores.shape[0]:
-                # A stable sort: ties (saturated sigmoids are exactly 1.0) are broken by anchor
-                # index, as mmdet's sort does on CPU and CUDA.
-                scores, order = scores.sort(descending=True, stable=True)
-                scores, order = scores[:nms_pre], order[:nms_pre]
-                d, a = d[order], a[order]
-            level_scores.append(scores)
-            level_deltas.append(d)
-            level_anchors.append(a)
-            level_ids.append(torch.full((scores.shape[0],), level, dtype=torch.long, device=scores.device))
-        scores = torch.cat(level_scores)
-        ids = torch.cat(level_ids)
-        boxes = coder.decode(torch.cat(level_anchors), torch.cat(level_deltas), max_shape=image_size)
-        if min_bbox_size >= 0:
-            w = boxes[:, 2] - boxes[:, 0]
-            h = boxes[:, 3] - boxes[:, 1]
-            keep = (w > min_bbox_size) & (h > min_bbox_size)
-            boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
-        if boxes.shape[0] > 0:
-            keep = batched_nms(boxes, scores, ids, iou_threshold, backend=nms_backend)
+    for i in range(n):
+        keep = big[i]
+        b, sc, lv = boxes[i][keep], scores[i][keep], ids[keep]
+        if b.shape[0] > 0:
+            kept = batched_nms(b, sc, lv, iou_threshold, backend=nms_backend)
             if max_per_img > 0:
-                keep = keep[:max_per_img]
-            boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
-        results.append(Proposals(boxes, scores, ids))
+                kept = kept[:max_per_img]
+            b, sc, lv = b[kept], sc[kept], lv[kept]
+        results.append(Proposals(b, sc, lv))
     return results
+
+
+def _padded_nms(boxes, scores, ids, big, iou_threshold, max_per_img, group, backend) -> Proposals:
+    capacity = max_per_img if max_per_img > 0 else max(boxes.shape[0], 1)
+    masked = torch.where(big, scores, float("-inf"))
+    keep, _ = batched_nms(boxes, masked, ids, iou_threshold, max_output=capacity, max_group_size=max(group, 1),
+                          backend=backend)
+    safe = keep.clamp(min=0)
+    valid = (keep >= 0) & (masked[safe] > float("-inf"))  # a prefix: real candidates sort first
+    return Proposals(torch.where(valid[:, None], boxes[safe], 0), torch.where(valid, scores[safe], 0),
+                     torch.where(valid, ids[safe], -1), valid)

@@ -6,10 +6,12 @@ from htc_fast.ops._errors import OpArgumentError, OpTypeError, RoiBoxesError, Ro
 from htc_fast.ops.deform_conv import deform_conv2d
 from htc_fast.ops.mask_paste import htc_mask_probs, paste_masks
 from htc_fast.ops.mask_rle import paste_masks_rle
-from htc_fast.ops.nms import MulticlassNMSResult, batched_nms, multiclass_nms, nms
+from htc_fast.ops.multiclass_nms import MulticlassNMSResult, PaddedDetections, multiclass_nms
+from htc_fast.ops.nms import PaddedKeep, batched_nms, nms
 from htc_fast.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
 
 __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "use_backend", "debug_checks", "OpArgumentError", "OpTypeError",
            "RoiBoxesError", "RoiBoxesTypeError", "roi_align", "multilevel_roi_align",
-           "map_roi_levels", "nms", "batched_nms", "multiclass_nms", "MulticlassNMSResult",
+           "map_roi_levels", "nms", "batched_nms", "PaddedKeep", "multiclass_nms", "MulticlassNMSResult",
+           "PaddedDetections",
            "deform_conv2d", "paste_masks", "paste_masks_rle", "htc_mask_probs"]

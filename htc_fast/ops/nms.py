@@ -1,19 +1,29 @@
-"""Non-maximum suppression: plain, batched (exact per class / per level), and HTC's multiclass step.
+"""Non-maximum suppression, plain and batched (exact per class / per level), at a data-dependent or
+a fixed output size.
 
 Owns argument checking, the backend choice, and the registration of ``htc_fast::nms`` /
-``htc_fast::batched_nms`` with torch (fake kernels with a data-dependent output size, so
-``torch.compile(fullgraph=True)`` traces through them). The semantics are in ``reference/nms.py``;
-kernels in ``csrc/nms/``.
+``htc_fast::batched_nms`` / ``htc_fast::batched_nms_padded`` with torch (fake kernels, so
+``torch.compile(fullgraph=True)`` traces through them: a new unbacked size for the plain ops, the
+static ``(max_output,)`` for the padded one). The semantics are in ``reference/nms.py``; kernels in
+``csrc/nms/`` and ``kernels/nms.py``. HTC's multiclass step is ``multiclass_nms.py``.
+
+Fixed capacity (``max_output=K``): the result is ``PaddedKeep(keep, num_kept)`` with keep of shape
+(K,) always, so nothing is read back to size it: on CUDA no host synchronisation at all, and a
+static-shape graph (CUDA graphs, torch.compile without dynamic shapes).
 
 Autocast: NMS returns indices and computes IoU in fp32 (fp64 for fp64 boxes) whatever the input
 dtype, so it is unaffected by autocast and casts nothing.
 
-Behaviour on odd input (tested): no boxes -> an empty int64 tensor; NaN scores -> ValueError
-(their rank is undefined; the check costs one device->host sync on CUDA, where NMS syncs for its
-output size anyway); boxes with x2 < x1 or y2 < y1 -> used as given, like torchvision; mismatched
-lengths, wrong ranks, non-float boxes, mixed devices -> ValueError/TypeError naming the argument.
-On CUDA one group (one class or level; all boxes for plain ``nms``) may hold at most 393,216
-boxes (the reduction keeps a group's bits in 48 KB of shared memory); more raises RuntimeError.
+Behaviour on odd input (tested): no boxes -> an empty result (``batched_nms`` also takes 1-D empty
+boxes, like torchvision); NaN scores rank above every number (torch.sort's order), ties by index;
+with ``htc_fast.ops.debug_checks()`` they raise instead (the check costs a host sync); boxes with
+x2 < x1 or y2 < y1 are used as given, like torchvision; bad shapes, dtypes, devices and thresholds
+raise ``OpArgumentError`` / ``OpTypeError`` naming the argument. On CUDA one group (one class or
+level; all boxes for plain ``nms``) may hold at most 393,216 boxes (the reduction keeps a group's
+bits in 48 KB of shared memory); more raises RuntimeError.
+
+TorchScript: these functions are not scriptable (keyword-only ``backend=``, Python-level checks);
+use ``torch.compile`` or ``torch.export``, which trace through the registered operators.
 """
 from typing import NamedTuple
 
@@ -21,33 +31,51 @@ import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend, _debug
+from htc_fast.ops import _backend, _checks, _debug
+from htc_fast.ops._errors import OpArgumentError
 from htc_fast.ops.reference import nms as _ref
 
-__all__ = ["nms", "batched_nms", "multiclass_nms", "MulticlassNMSResult"]
+__all__ = ["nms", "batched_nms", "PaddedKeep"]
 
 
-def nms(boxes, scores, iou_threshold, *, backend=None):
+class PaddedKeep(NamedTuple):
+    """A fixed-capacity NMS result: ``keep[:num_kept]`` are the kept indices, the rest -1."""
+
+    keep: Tensor      # (max_output,) int64, by descending score (ties by index), padded with -1
+    num_kept: Tensor  # () int64 on the boxes' device: min(number kept, max_output)
+
+
+def nms(boxes, scores, iou_threshold, *, max_output=None, backend=None):
     """Greedy NMS; a drop-in for ``torchvision.ops.nms`` (same kept indices, same order).
 
     Args:
         boxes: (N, 4) float xyxy boxes (fp32, fp64, fp16 or bf16; IoU in fp32, fp64 for fp64).
         scores: (N,) float scores.
-        iou_threshold: a box is dropped when its IoU with a kept, higher-scored box is > this.
+        iou_threshold: a box is dropped when its IoU with a kept, higher-scored box is > this
+            (a number, not NaN).
+        max_output: None (the default): return every kept index. An int K >= 1: return
+            ``PaddedKeep`` of static shape (K,), no host synchronisation.
         backend: "reference", "cpp" or "triton"; None uses ``use_backend`` / the default table.
 
     Returns:
-        (K,) int64 indices of the kept boxes, by descending score (ties by index).
+        (num_kept,) int64 indices of the kept boxes by descending score (ties by index), or
+        ``PaddedKeep`` when max_output is given.
     """
-    _check(boxes, scores, None)
+    _check("nms", boxes, scores, None)
+    threshold = _checks.real("nms", "iou_threshold", iou_threshold)
     chosen = _backend.resolve("nms", boxes.device.type, backend)
+    if max_output is not None:
+        capacity = _checks.integer("nms", "max_output", max_output, minimum=1)
+        idxs = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+        return _padded(chosen, boxes, scores, idxs, threshold, capacity, max(boxes.shape[0], 1))
     if chosen == "reference":
-        return _ref.nms(boxes, scores, float(iou_threshold))
+        return _ref.nms(boxes, scores, threshold)
     op = torch.ops.htc_fast.nms if chosen == "cpp" else _triton().nms_triton
-    return op(boxes, scores, float(iou_threshold))
+    return op(boxes, scores, threshold)
 
 
-def batched_nms(boxes, scores, idxs, iou_threshold, *, backend=None):
+def batched_nms(boxes, scores, idxs, iou_threshold, *, max_output=None, max_group_size=None,
+                backend=None):
     """NMS run separately for each value of ``idxs`` (class or FPN level), merged by score.
 
     The signature of ``torchvision.ops.batched_nms``, but exact at every size: equal to a per-class
@@ -55,99 +83,84 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, backend=None):
     different groups are never compared.
 
     Args:
-        boxes: (N, 4) float xyxy; scores: (N,) float; idxs: (N,) integer group of each box.
+        boxes: (N, 4) float xyxy (or an empty 1-D tensor, as torchvision allows); scores: (N,)
+            float; idxs: (N,) integer group of each box.
         iou_threshold, backend: as in ``nms``.
+        max_output: as in ``nms``: an int K >= 1 gives ``PaddedKeep`` of shape (K,).
+        max_group_size: with max_output only: an upper bound on the boxes of any one group (e.g.
+            the per-level pre-NMS top-k of RPN, N for per-class detections); the CUDA and Triton
+            kernels size their IoU bit masks with it instead of reading the largest group back to
+            the host. Default N. A larger group takes part with only its max_group_size
+            best-scored boxes (ties by index), on every backend; ``debug_checks()`` reports it.
 
     Returns:
-        (K,) int64 indices of the kept boxes, by descending score (ties by index).
+        (num_kept,) int64 indices by descending score (ties by index), or ``PaddedKeep``.
     """
-    _check(boxes, scores, idxs)
+    if _empty_1d(boxes) and _empty_1d(scores) and _empty_1d(idxs):  # torchvision returns early
+        boxes, scores, idxs = boxes.reshape(0, 4), scores.reshape(0), idxs.reshape(0).long()
+    _check("batched_nms", boxes, scores, idxs)
+    threshold = _checks.real("batched_nms", "iou_threshold", iou_threshold)
     chosen = _backend.resolve("batched_nms", boxes.device.type, backend)
+    if max_output is not None:
+        capacity = _checks.integer("batched_nms", "max_output", max_output, minimum=1)
+        group_size = max(boxes.shape[0], 1) if max_group_size is None else \
+            _checks.integer("batched_nms", "max_group_size", max_group_size, minimum=1)
+        if _debug.enabled():
+            _check_group_size(idxs, group_size)
+        return _padded(chosen, boxes, scores, idxs, threshold, capacity, group_size)
+    if max_group_size is not None:
+        raise OpArgumentError("batched_nms: max_group_size is used only with max_output "
+                                      "(the fixed-capacity result); pass both or neither")
     if chosen == "reference":
-        return _ref.batched_nms(boxes, scores, idxs, float(iou_threshold))
+        return _ref.batched_nms(boxes, scores, idxs, threshold)
     op = torch.ops.htc_fast.batched_nms if chosen == "cpp" else _triton().batched_nms_triton
-    return op(boxes, scores, idxs, float(iou_threshold))
+    return op(boxes, scores, idxs, threshold)
 
 
-class MulticlassNMSResult(NamedTuple):
-    """Detections of one image. M <= max_per_image, sorted by descending score."""
-
-    boxes: Tensor    # (M, 4) float xyxy
-    scores: Tensor   # (M,) float
-    labels: Tensor   # (M,) int64 class in [0, C)
-    indices: Tensor  # (M,) int64 row of the input each detection came from
-
-
-def multiclass_nms(boxes, scores, score_threshold, iou_threshold, max_per_image, *, backend=None):
-    """HTC's final detection step (mmdetection's ``multiclass_nms``).
-
-    Args:
-        boxes: (N, 4) class-agnostic boxes, or (N, C, 4) one box per class.
-        scores: (N, C + 1) class probabilities, background LAST (dropped).
-        score_threshold: keep (row, class) pairs with score > this (HTC test: 0.001).
-        iou_threshold: per-class NMS threshold (HTC: 0.5).
-        max_per_image: keep at most this many, the highest scored (HTC: 100); <= 0 keeps all.
-        backend: for the batched NMS.
-
-    Returns:
-        MulticlassNMSResult(boxes, scores, labels, indices).
-    """
-    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[1] < 2:
-        raise ValueError(f"multiclass_nms: scores must be (N, C + 1) with background last, got "
-                         f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}")
-    n, num_classes = scores.shape[0], scores.shape[1] - 1
-    if not isinstance(boxes, Tensor):
-        raise TypeError(f"multiclass_nms: boxes must be a Tensor, got {type(boxes).__name__}")
-    for name, t in (("boxes", boxes), ("scores", scores)):
-        if not t.is_floating_point():
-            raise TypeError(f"multiclass_nms: {name} must be floating point, got {t.dtype}")
-    if boxes.device != scores.device:
-        raise ValueError(f"multiclass_nms: boxes are on {boxes.device} but scores on {scores.device}")
-    per_class = boxes.dim() == 3 and boxes.shape == (n, num_classes, 4)
-    if not per_class and not (boxes.dim() == 2 and boxes.shape == (n, 4)):
-        raise ValueError(f"multiclass_nms: boxes must be ({n}, 4) or ({n}, {num_classes}, 4) for scores "
-                         f"{tuple(scores.shape)}, got {tuple(boxes.shape)}")
-    flat_scores = scores[:, :num_classes].reshape(-1)
-    if _debug.enabled():
-        _debug.check(torch.isnan(flat_scores), lambda i: f"multiclass_nms: scores[{i // num_classes}, "
-                     f"{i % num_classes}] is NaN (debug check; without it a NaN score is never above "
-                     "score_threshold, so the pair is dropped)")
-    candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
-    rows, labels = candidates // num_classes, candidates % num_classes
-    # Class-agnostic boxes are gathered by row: no (N, C, 4) copy.
-    cand_boxes = boxes.reshape(-1, 4)[candidates] if per_class else boxes[rows]
-    keep = batched_nms(cand_boxes, flat_scores[candidates], labels, iou_threshold, backend=backend)
-    if max_per_image > 0:
-        keep = keep[:max_per_image]
-    return MulticlassNMSResult(cand_boxes[keep], flat_scores[candidates[keep]], labels[keep], rows[keep])
+def _padded(chosen, boxes, scores, idxs, threshold, max_output, max_group_size):
+    if chosen == "cpp" and hasattr(torch.ops.htc_fast, "batched_nms_padded"):
+        keep, num_kept = torch.ops.htc_fast.batched_nms_padded(boxes, scores, idxs, threshold,
+                                                               max_output, max_group_size)
+    elif chosen == "triton" and hasattr(_triton(), "batched_nms_padded_triton"):
+        keep, num_kept = _triton().batched_nms_padded_triton(boxes, scores, idxs, threshold,
+                                                             max_output, max_group_size)
+    else:  # the reference; TEMPORARY for cpp/triton until their padded kernels land
+        keep, num_kept = _ref.batched_nms_padded(boxes, scores, idxs, threshold, max_output,
+                                                  max_group_size)
+    return PaddedKeep(keep, num_kept)
 
 
-def _check(boxes, scores, idxs):
-    where = "nms" if idxs is None else "batched_nms"
-    for name, t, dim in (("boxes", boxes, 2), ("scores", scores, 1)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != dim:
-            raise ValueError(f"{where}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{where}: {name} must be floating point, got {t.dtype}")
+def _empty_1d(t):
+    return isinstance(t, Tensor) and t.dim() == 1 and t.numel() == 0
+
+
+def _check(where, boxes, scores, idxs):
+    _checks.tensor(where, "boxes", boxes, dim=2, floating=True)
+    _checks.tensor(where, "scores", scores, dim=1, floating=True)
     if boxes.shape[1] != 4:
-        raise ValueError(f"{where}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+        raise OpArgumentError(f"{where}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{where}: scores has {scores.shape[0]} entries for {boxes.shape[0]} boxes")
-    if scores.device != boxes.device:
-        raise ValueError(f"{where}: scores are on {scores.device} but boxes are on {boxes.device}")
+        raise OpArgumentError(f"{where}: scores has {scores.shape[0]} entries for "
+                                      f"{boxes.shape[0]} boxes")
+    _checks.same_device(where, "boxes", boxes, scores=scores)
     if idxs is not None:
         if not isinstance(idxs, Tensor) or idxs.shape != scores.shape:
-            raise ValueError(f"{where}: idxs must be a Tensor of shape ({scores.shape[0]},), got "
-                             f"{tuple(idxs.shape) if isinstance(idxs, Tensor) else type(idxs).__name__}")
-        if idxs.is_floating_point() or idxs.dtype == torch.bool or idxs.is_complex():
-            raise TypeError(f"{where}: idxs must be an integer tensor, got {idxs.dtype}")
-        if idxs.device != boxes.device:
-            raise ValueError(f"{where}: idxs are on {idxs.device} but boxes are on {boxes.device}")
+            raise OpArgumentError(f"{where}: idxs must be a Tensor of shape ({scores.shape[0]},), "
+                                          f"got {_checks.describe(idxs)}")
+        _checks.tensor(where, "idxs", idxs, integer=True)
+        _checks.same_device(where, "boxes", boxes, idxs=idxs)
     if _debug.enabled():
         _debug.check(torch.isnan(scores), lambda i: f"{where}: scores[{i}] is NaN (debug check; without "
                      "it NaN scores rank above every number)")
+
+
+def _check_group_size(idxs, max_group_size):
+    """Debug check (host sync): no group holds more than max_group_size boxes."""
+    if idxs.numel() == 0:
+        return
+    values, counts = torch.unique(idxs, return_counts=True)
+    _debug.check(counts > max_group_size, lambda i: f"batched_nms: group idxs == {int(values[i])} "
+                 f"holds {int(counts[i])} boxes, more than max_group_size = {max_group_size} (debug check)")
 
 
 def _triton():
@@ -164,6 +177,12 @@ def _fake_batched_nms(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
 
 
+def _fake_batched_nms_padded(boxes, scores, idxs, iou_threshold, max_output, max_group_size):
+    return boxes.new_empty((max_output,), dtype=torch.long), boxes.new_empty((), dtype=torch.long)
+
+
 if _extension.loaded:
     torch.library.register_fake("htc_fast::nms", _fake_nms)
     torch.library.register_fake("htc_fast::batched_nms", _fake_batched_nms)
+    if hasattr(torch.ops.htc_fast, "batched_nms_padded"):  # TEMPORARY until csrc/htc_fast.cpp has it
+        torch.library.register_fake("htc_fast::batched_nms_padded", _fake_batched_nms_padded)

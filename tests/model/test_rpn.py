@@ -368,3 +368,22 @@ def test_rpn_and_stage_sampling_identical_to_mmdet(mode):
         assert torch.equal(res.pos_inds, rec["pos_inds"]) and torch.equal(res.neg_inds, rec["neg_inds"])
         assert torch.equal(res.pos_is_gt, rec["pos_is_gt"].bool())
         assert torch.equal(res.pos_boxes, rec["pos_priors"]) and torch.equal(res.neg_boxes, rec["neg_priors"])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_padded_proposals_equal_compact_and_sync_free(training):
+    from htc_fast.diagnostics import count_ops
+
+    head = small_head(test_nms_pre=60, test_max_per_img=150, train_nms_pre=200, train_max_per_img=400)
+    output = random_output()
+    sizes = [(61, 77), (40, 80)]
+    compact = head.proposals(output, sizes, training=training)
+    with count_ops() as c:
+        padded = head.proposals(output, sizes, training=training, padded=True)
+    assert c.syncs == 0, c.report()
+    for p, q in zip(compact, padded):
+        k = len(p.boxes)
+        assert q.boxes.shape == (150 if not training else 400, 4) and q.valid[:k].all() and not q.valid[k:].any()
+        assert torch.equal(q.boxes[:k], p.boxes) and torch.equal(q.scores[:k], p.scores)
+        assert torch.equal(q.levels[:k], p.levels)
+        assert (q.boxes[k:] == 0).all() and (q.levels[k:] == -1).all()
