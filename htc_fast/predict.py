@@ -28,6 +28,7 @@ from htc_fast.inference import (
     build_inference_loader,
     check_amp,
     collate_images,
+    image_name,
     list_images,
     predict_batches,
     prepare_image,
@@ -72,8 +73,7 @@ class Predictor:
         if len(images) == 0:
             raise ValueError("Predictor needs at least one image")
         scale = self.cfg.data.test_scale
-        prepared = [prepare_image(image, scale, key=i, name=str(image) if isinstance(image, (str, Path))
-                                  else f"images[{i}]") for i, image in enumerate(images)]
+        prepared = [prepare_image(image, scale, key=i, name=image_name(image, i)) for i, image in enumerate(images)]
         batch = collate_images(prepared, self.cfg.data.mean, self.cfg.data.std, self.cfg.data.pad_size_divisor)
         return next(predict_batches(self.model, [batch], self.device, amp=self.amp, masks=masks))[1]
 

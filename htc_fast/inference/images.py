@@ -64,6 +64,11 @@ class Unreadable:
         return f"{self.name}: {self.reason}"
 
 
+def image_name(source: ImageLike, index: int) -> str:
+    """How messages name an input: its path, or "images[index]" for an array or tensor."""
+    return str(source) if isinstance(source, (str, Path)) else f"images[{index}]"
+
+
 def prepare_image(image: ImageLike, scale: tuple[int, int], key: Hashable = None, name: Optional[str] = None,
                   keep_original: bool = False) -> PreparedImage:
     """Decode (if a path) and resize ``image`` to ``scale`` with mmdetection's keep-ratio rule.
@@ -104,7 +109,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Union[PreparedImage, Unreadable]:
         source, key = self.items[index]
-        name = str(source) if isinstance(source, (str, Path)) else f"images[{index}]"
+        name = image_name(source, index)
         try:
             return prepare_image(source, self.scale, key, name, self.keep_original)
         except (OSError, ValueError) as exc:

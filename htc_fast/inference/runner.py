@@ -5,7 +5,6 @@ The loop itself adds no host synchronisation: the next batch is decoded by the l
 while the device runs the current one; results reach the host when the caller reads them.
 """
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
@@ -65,8 +64,3 @@ def predict_batches(model, batches: Iterable[InferenceBatch], device, *, amp: Op
             dets = model.predict(batch.inputs, masks=masks)
         yield batch, dets
 
-
-def warn_unreadable(batch: InferenceBatch) -> None:
-    """One warning per unreadable image of the batch, naming the file."""
-    for bad in batch.unreadable:
-        warnings.warn(f"skipped unreadable image {bad}", stacklevel=2)
