@@ -135,3 +135,11 @@ def test_two_process_ddp_on_cpu_keeps_ranks_in_sync(tmp_path):
     assert torch.equal(g0, g1)  # gradients all-reduced
     assert torch.equal(p0, p1)  # so the step kept the replicas identical
     assert g0.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flag, value", [("--keep-checkpoints", "-1"), ("--log-interval", "0"), ("--workers", "-2"),
+                                         ("--prefetch-factor", "0"), ("--ckpt-interval", "-5"), ("--max-iters", "-1")])
+def test_bad_arguments_are_named(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([flag, value])
+    assert f"{flag} must be" in capsys.readouterr().err
