@@ -37,20 +37,18 @@ def list_images(paths: Sequence[Union[str, Path]]) -> list[Path]:
 
 @dataclass
 class PreparedImage:
-    """One image resized for the network. image: (3, h, w) uint8 at the test scale; scale_factor:
-    (w_scale, h_scale) from the original; original_shape: (H, W); original: the (3, H, W) uint8
-    decoded image when kept (for drawing), else None. key: the caller's id (e.g. COCO image id);
-    name: the file (or "images[i]") for messages."""
+    """One image resized for the network. image: (3, h, w) uint8 at the test scale (None once
+    collated into a batch's pixels); image_shape: its (h, w); scale_factor: (w_scale, h_scale)
+    from the original; original_shape: (H, W); original: the (3, H, W) uint8 decoded image when
+    kept (for drawing), else None. key: the caller's id (e.g. COCO image id); name: the file (or
+    "images[i]") for messages."""
     key: Hashable
     name: str
-    image: Tensor
+    image: Optional[Tensor]
+    image_shape: tuple[int, int]
     scale_factor: tuple[float, float]
     original_shape: tuple[int, int]
     original: Optional[Tensor] = None
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        return int(self.image.shape[1]), int(self.image.shape[2])
 
 
 @dataclass
@@ -83,7 +81,7 @@ def prepare_image(image: ImageLike, scale: tuple[int, int], key: Hashable = None
     if nh < 1 or nw < 1:
         raise ValueError(f"{name}: a {h} x {w} (h x w) image resized into {tuple(scale)} keeping its aspect "
                          f"ratio would be {nh} x {nw} pixels; the model needs at least 1 x 1")
-    return PreparedImage(key, name, resize(original, (nh, nw)), (nw / w, nh / h), (h, w),
+    return PreparedImage(key, name, resize(original, (nh, nw)), (nh, nw), (nw / w, nh / h), (h, w),
                          original if keep_original else None)
 
 

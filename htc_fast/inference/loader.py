@@ -1,5 +1,6 @@
-"""Batches for inference: prepared images -> one padded, normalised ``ImageBatch`` per batch, and
-the DataLoader that builds them in worker processes while the model runs on the previous batch.
+"""Batches for inference: prepared images -> one zero-padded uint8 tensor per batch (normalised
+into the model's ``ImageBatch`` on the device), and the DataLoader that builds them in worker
+processes while the model runs on the previous batch.
 
 Padding is mmdetection's: every image of a batch is zero-padded bottom/right to the batch's
 largest size, rounded up to a multiple of 32. An image therefore sees a different amount of padding
@@ -7,14 +8,15 @@ in a batch than alone, which changes the features near its bottom/right border s
 tests/inference/test_batched.py for how much).
 """
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
+from functools import cached_property, partial
 from typing import Optional, Union
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from htc_fast.data.collate import batch_images
+from htc_fast.data.collate import normalize_padded, pad_images
 from htc_fast.data.samplers import InferenceSampler
 from htc_fast.inference.images import ImageFiles, PreparedImage, Unreadable
 from htc_fast.model.inputs import ImageBatch
@@ -23,36 +25,46 @@ from htc_fast.preprocess import MEAN, STD, ImageLike
 
 @dataclass(frozen=True)
 class InferenceBatch:
-    """inputs: the model's input for ``images`` (None when every image of the batch was unreadable);
-    images: the readable ones, in order (inputs' image i is images[i]); unreadable: the others."""
-    inputs: Optional[ImageBatch]
+    """pixels: (N, 3, H, W) uint8 RGB of ``images``, zero-padded bottom/right to a multiple of the
+    size divisor (None when every image of the batch was unreadable); images: the readable ones, in
+    order, their own pixels dropped; unreadable: the others; mean / std: the normalisation.
+    ``inputs``, the model's ImageBatch, is normalised where the pixels are when first read: after
+    ``to("cuda")`` on the GPU, so workers do no float work and a quarter of the bytes move."""
+    pixels: Optional[Tensor]
     images: list[PreparedImage]
     unreadable: list[Unreadable] = field(default_factory=list)
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+
+    @cached_property
+    def inputs(self) -> Optional[ImageBatch]:
+        if self.pixels is None:
+            return None
+        shapes = [im.image_shape for im in self.images]
+        return ImageBatch(normalize_padded(self.pixels, shapes, self.mean, self.std), shapes,
+                          [im.scale_factor for im in self.images], [im.original_shape for im in self.images])
+
+    def _with_pixels(self, pixels: Optional[Tensor]) -> "InferenceBatch":
+        return InferenceBatch(pixels, self.images, self.unreadable, self.mean, self.std)
 
     def to(self, device, non_blocking: bool = False) -> "InferenceBatch":
-        if self.inputs is None:
+        if self.pixels is None:
             return self
-        i = self.inputs
-        inputs = ImageBatch(i.images.to(device, non_blocking=non_blocking), i.image_shapes, i.scale_factors,
-                            i.original_shapes)
-        return InferenceBatch(inputs, self.images, self.unreadable)
+        return self._with_pixels(self.pixels.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "InferenceBatch":
         """Called by the DataLoader's pin thread (CUDA only) so that ``to`` can copy asynchronously."""
-        if self.inputs is None:
-            return self
-        i = self.inputs
-        return InferenceBatch(ImageBatch(i.images.pin_memory(), i.image_shapes, i.scale_factors, i.original_shapes),
-                              self.images, self.unreadable)
+        return self if self.pixels is None else self._with_pixels(self.pixels.pin_memory())
 
 
 def collate_images(items: Sequence[Union[PreparedImage, Unreadable]], mean=MEAN, std=STD,
                    size_divisor: int = 32) -> InferenceBatch:
-    """Normalise and pad the readable items into one ImageBatch; set the unreadable ones aside."""
-    images = [x for x in items if isinstance(x, PreparedImage)]
+    """Pad the readable items' uint8 pixels into one tensor; set the unreadable ones aside."""
+    readable = [x for x in items if isinstance(x, PreparedImage)]
     unreadable = [x for x in items if isinstance(x, Unreadable)]
-    inputs = batch_images(images, mean, std, size_divisor) if images else None
-    return InferenceBatch(inputs, images, unreadable)
+    pixels = pad_images([x.image for x in readable], size_divisor) if readable else None
+    images = [replace(x, image=None) for x in readable]  # their pixels are in `pixels` now
+    return InferenceBatch(pixels, images, unreadable, tuple(mean), tuple(std))
 
 
 def build_inference_loader(items: Sequence[tuple[ImageLike, Hashable]], scale: tuple[int, int], *,

@@ -56,10 +56,10 @@ def predict_batches(model, batches: Iterable[InferenceBatch], device, *, amp: Op
     context = autocast(device, amp)
     non_blocking = device.type == "cuda"
     for batch in batches:
-        if batch.inputs is None:
+        if batch.pixels is None:
             yield batch, []
             continue
-        batch = batch.to(device, non_blocking=non_blocking)
+        batch = batch.to(device, non_blocking=non_blocking)  # then normalised there
         with torch.no_grad(), context:
             dets = model.predict(batch.inputs, masks=masks)
         yield batch, dets

@@ -1,5 +1,6 @@
 """Inputs of batched inference: folders expanded to images, unreadable and too-thin images named
-(never a crash inside a loader worker), sharding over ranks, argument checks."""
+(never a crash inside a loader worker), the batch's preprocessing, sharding over ranks, argument
+checks."""
 import shutil
 
 import numpy as np
@@ -7,8 +8,16 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from htc_fast.inference import ImageFiles, PreparedImage, Unreadable, build_inference_loader, list_images, prepare_image
-from htc_fast.preprocess import load_image, rescale_size, resize
+from htc_fast.inference import (
+    ImageFiles,
+    PreparedImage,
+    Unreadable,
+    build_inference_loader,
+    collate_images,
+    list_images,
+    prepare_image,
+)
+from htc_fast.preprocess import load_image, make_batch, rescale_size, resize
 from tests.inference.conftest import PHOTOS
 
 
@@ -97,3 +106,18 @@ def test_a_folder_copy_of_real_photos_loads_in_order(tmp_path):
     batches = list(build_inference_loader([(p, p) for p in paths], (128, 96), batch_size=2))
     assert [len(b.images) for b in batches] == [2, 1]
     assert [im.key for b in batches for im in b.images] == paths
+
+
+def test_collated_batch_is_make_batchs_preprocessing():
+    """The loader's batch (uint8 pixels padded in the worker, normalised where they are read)
+    equals htc_fast.preprocess.make_batch on the same images, bit for bit."""
+    photos = [PHOTOS[i] for i in torch.randperm(len(PHOTOS))[:3].tolist()]
+    scale = (int(torch.randint(100, 300, ())), int(torch.randint(60, 200, ())))
+    batch = collate_images([prepare_image(p, scale) for p in photos])
+    assert batch.pixels.dtype == torch.uint8 and all(im.image is None for im in batch.images)
+    want = make_batch(photos, scale)
+    assert torch.equal(batch.inputs.images, want.images)
+    assert list(batch.inputs.image_shapes) == list(want.image_shapes)
+    assert list(batch.inputs.scale_factors) == list(want.scale_factors)
+    assert list(batch.inputs.original_shapes) == list(want.original_shapes)
+    assert collate_images([]).inputs is None
