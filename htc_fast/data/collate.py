@@ -6,9 +6,11 @@ stay unpadded at each image's resized size (`Targets` requires it). Batches are 
 with `pin_memory()` (called by the DataLoader's pin thread) and `to(device)`; they unpack like the
 pair they carry: `inputs, targets = batch`.
 
-Training batches carry the images as zero-padded uint8 (`TrainBatch.pixels`) and normalise them
-where they are when `inputs` is first read: after `batch.to("cuda")` that is on the GPU, as
-mmdetection's data preprocessor does, so the workers do no float work and copy 4x fewer bytes.
+Training batches carry the images as unpadded uint8 (`TrainBatch.images`) and the instance masks
+as window crops (`MaskCrops`), and build the model's padded float batch and dense masks where they
+are when `inputs` / `targets` are first read: after `batch.to("cuda")` that is on the GPU (as
+mmdetection's data preprocessor normalises there), so the workers do no float work, write no
+zeros, and share and copy a fraction of the bytes.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from htc_fast.data.coco import Sample
+from htc_fast.data.mask_crops import MaskCrops
 from htc_fast.data.semantic import IGNORE_INDEX
 from htc_fast.model.inputs import ImageBatch, Targets
 from htc_fast.preprocess import MEAN, STD
@@ -27,28 +30,31 @@ def _pin(t: Tensor) -> Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def normalize_padded(pixels: Tensor, image_shapes: Sequence[Tuple[int, int]], mean=MEAN, std=STD) -> Tensor:
-    """(N, 3, H, W) uint8 zero-padded -> (N, 3, H, W) float32 on the same device: (x - mean) / std
-    inside each image's (h, w), 0 in the padding (what `batch_images` gives). The statistics are
-    Python floats: no host-to-device copy, no synchronisation."""
-    out = torch.zeros(pixels.shape, dtype=torch.float32, device=pixels.device)
-    for k, (h, w) in enumerate(image_shapes):
+def normalize_into_batch(images: Sequence[Tensor], padded: Tuple[int, int], mean=MEAN, std=STD) -> Tensor:
+    """(3, h_i, w_i) uint8 images (one device) -> (N, 3, H, W) float32 there, `padded` = (H, W):
+    (x - mean) / std inside each image, 0 in the padding (bit for bit what `batch_images` gives).
+    The statistics are Python floats: no host-to-device copy, no synchronisation."""
+    out = torch.zeros((len(images), 3, *padded), dtype=torch.float32, device=images[0].device)
+    for k, image in enumerate(images):
+        h, w = image.shape[1:]
         for c in range(3):
-            out[k, c, :h, :w].copy_(pixels[k, c, :h, :w]).sub_(mean[c]).div_(std[c])
+            out[k, c, :h, :w].copy_(image[c]).sub_(mean[c]).div_(std[c])
     return out
 
 
 @dataclass(frozen=True)
 class TrainBatch:
-    """A training batch. pixels: (N, 3, H, W) uint8 RGB zero-padded to a multiple of the size
-    divisor; image_shapes / scale_factors / original_shapes as in `ImageBatch`; targets for the
-    model; image_ids; ignore_boxes: per image (K, 4) crowd boxes; mean / std: the normalisation.
-    `inputs` is the model's ImageBatch, normalised on the pixels' device when first read."""
-    pixels: Tensor
+    """A training batch. images: per image (3, h, w) uint8 RGB; padded_shape: (H, W), the common
+    multiple of the size divisor the model's batch is padded to; image_shapes / scale_factors / original_shapes as in `ImageBatch`; ground_truth: the
+    model's `Targets` except that masks may be `MaskCrops`; image_ids; ignore_boxes: per image
+    (K, 4) crowd boxes; mean / std: the normalisation. `inputs` (the model's ImageBatch) and
+    `targets` (dense masks) are built on the batch's device when first read."""
+    images: List[Tensor]
+    padded_shape: Tuple[int, int]
     image_shapes: List[Tuple[int, int]]
     scale_factors: List[Tuple[float, float]]
     original_shapes: List[Tuple[int, int]]
-    targets: Targets
+    ground_truth: Targets
     image_ids: List[int]
     ignore_boxes: List[Tensor]
     mean: Tuple[float, float, float] = MEAN
@@ -56,17 +62,24 @@ class TrainBatch:
 
     @cached_property
     def inputs(self) -> ImageBatch:
-        return ImageBatch(normalize_padded(self.pixels, self.image_shapes, self.mean, self.std), self.image_shapes,
-                          self.scale_factors, self.original_shapes)
+        return ImageBatch(normalize_into_batch(self.images, self.padded_shape, self.mean, self.std),
+                          self.image_shapes, self.scale_factors, self.original_shapes)
+
+    @cached_property
+    def targets(self) -> Targets:
+        t = self.ground_truth
+        return Targets(t.boxes, t.labels, [m.dense() if isinstance(m, MaskCrops) else m for m in t.masks],
+                       t.semantic)
 
     def __iter__(self) -> Iterator:
         return iter((self.inputs, self.targets))
 
     def _map(self, fn) -> "TrainBatch":
-        t = self.targets
-        targets = Targets([fn(b) for b in t.boxes], [fn(x) for x in t.labels], [fn(m) for m in t.masks],
+        t = self.ground_truth
+        targets = Targets([fn(b) for b in t.boxes], [fn(x) for x in t.labels],
+                          [m.to_device(fn) if isinstance(m, MaskCrops) else fn(m) for m in t.masks],
                           None if t.semantic is None else fn(t.semantic))
-        return TrainBatch(fn(self.pixels), self.image_shapes, self.scale_factors, self.original_shapes, targets,
+        return TrainBatch([fn(x) for x in self.images], self.padded_shape, self.image_shapes, self.scale_factors, self.original_shapes, targets,
                           self.image_ids, [fn(b) for b in self.ignore_boxes], self.mean, self.std)
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
@@ -120,27 +133,14 @@ def batch_images(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: in
                       [tuple(s.original_shape) for s in samples])
 
 
-def pad_images(images: Sequence[Tensor], size_divisor: int = 32) -> Tensor:
-    """(3, h_i, w_i) uint8 images -> (N, 3, H, W) uint8, zero-padded bottom/right to a common
-    multiple of `size_divisor` (only the padding is zeroed: each pixel is written once). Channels-
-    last memory, the layout of decoded and resized images (the copy moves whole rows)."""
-    ph, pw = padded_size([tuple(x.shape[1:]) for x in images], size_divisor)
-    out = torch.empty(len(images), 3, ph, pw, dtype=torch.uint8, memory_format=torch.channels_last)
-    for k, image in enumerate(images):
-        h, w = image.shape[1:]
-        out[k, :, :h, :w] = image
-        out[k, :, h:].zero_()
-        out[k, :, :h, w:].zero_()
-    return out
-
-
 def collate_train(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: int = 32) -> TrainBatch:
     """Samples with masks -> TrainBatch. Semantic maps (all or none of the samples have one, all
     sampled every s = `Sample.semantic_stride` pixels) are padded with 255 to the image batch's
     padded size divided by s (s divides `size_divisor`), as int64: (N, H / s, W / s)."""
     if len(samples) == 0:
         raise ValueError("cannot collate an empty list of samples")
-    pixels = pad_images([s.image for s in samples], size_divisor)
+    shapes = [s.image_shape for s in samples]
+    ph, pw = padded_size(shapes, size_divisor)
     for s in samples:
         if s.masks is None:
             raise ValueError(f"image {s.image_id} has no instance masks (dataset built with test_mode=True?)")
@@ -154,14 +154,13 @@ def collate_train(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: i
         if strides or size_divisor % stride:
             raise ValueError(f"semantic maps sampled every {sorted(strides | {stride})} pixels cannot be "
                              f"padded to a multiple of size_divisor={size_divisor}")
-        ph, pw = pixels.shape[2:]
         semantic = torch.full((len(samples), ph // stride, pw // stride), IGNORE_INDEX, dtype=torch.int64)
         for k, s in enumerate(samples):
             h, w = s.semantic.shape
             semantic[k, :h, :w] = s.semantic
     targets = Targets([s.boxes for s in samples], [s.labels for s in samples],
                       [s.masks for s in samples], semantic)
-    return TrainBatch(pixels, [s.image_shape for s in samples], [tuple(s.scale_factor) for s in samples],
+    return TrainBatch([s.image for s in samples], (ph, pw), shapes, [tuple(s.scale_factor) for s in samples],
                       [tuple(s.original_shape) for s in samples], targets, [s.image_id for s in samples],
                       [s.ignore_boxes for s in samples], tuple(mean), tuple(std))
 

@@ -24,6 +24,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from htc_fast.data.mask_crops import MaskCrops
+
 
 def nearest_source_index(src: int, dst: int, step: int = 1, flip: bool = False) -> np.ndarray:
     """Source indices read by a nearest resize src -> dst (PyTorch's / OpenCV's rule,
@@ -38,34 +40,47 @@ def nearest_source_index(src: int, dst: int, step: int = 1, flip: bool = False) 
     return np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), src - 1)
 
 
-def rasterise_polygons(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[float, float],
-                       size: Tuple[int, int], flip: bool = False) -> Tensor:
-    """(G, H, W) bool masks of G polygon instances (each a list of flat [x0, y0, x1, y1, ...]
-    polygons in original pixels), scaled by `scale` = (w_scale, h_scale), mirrored (x' = W - x)
-    when `flip`, rasterised at `size` = (H, W) by pycocotools.
+def polygon_crops(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[float, float],
+                  size: Tuple[int, int], flip: bool = False) -> MaskCrops:
+    """G polygon instances (each a list of flat [x0, y0, x1, y1, ...] polygons in original
+    pixels), scaled by `scale` = (w_scale, h_scale), mirrored (x' = W - x) when `flip`, rasterised
+    at `size` = (H, W) by pycocotools, as `MaskCrops`.
 
     Each instance is rasterised in its own bounding window (a pixel of margin, clipped to the
-    image) and written there: pycocotools' rasteriser is invariant to integer shifts, so this is
-    its full-image result, for work proportional to the boxes' areas, not G x H x W. The rest of
-    the output is calloc'ed zeros that are never written here."""
+    image): pycocotools' rasteriser is invariant to integer shifts, so this is its full-image
+    result, for work proportional to the boxes' areas, not G x H x W."""
     h, w = size
-    out = np.zeros((len(instances), h, w), dtype=np.uint8)
     sx, sy = scale
-    for k, inst in enumerate(instances):
+    windows, crops = [], []
+    for inst in instances:
         polys = [np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy) for p in inst]
         if flip:
             for xy in polys:
                 xy[:, 0] = w - xy[:, 0]
         lo = np.min([xy.min(0) for xy in polys], axis=0)
         hi = np.max([xy.max(0) for xy in polys], axis=0)
-        x0, y0 = max(int(np.floor(lo[0])) - 1, 0), max(int(np.floor(lo[1])) - 1, 0)
-        x1, y1 = min(int(np.ceil(hi[0])) + 2, w), min(int(np.ceil(hi[1])) + 2, h)
-        if x1 <= x0 or y1 <= y0:
-            continue  # entirely outside the image
+        x0, y0 = min(max(int(np.floor(lo[0])) - 1, 0), w), min(max(int(np.floor(lo[1])) - 1, 0), h)
+        x1, y1 = max(min(int(np.ceil(hi[0])) + 2, w), x0), max(min(int(np.ceil(hi[1])) + 2, h), y0)
+        windows.append((x0, y0, x1, y1))
+        if x1 == x0 or y1 == y0:  # entirely outside the image
+            crops.append(np.zeros(0, np.uint8))
+            continue
         rles = mask_utils.frPyObjects([(xy - (x0, y0)).ravel() for xy in polys], y1 - y0, x1 - x0)
         rle = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
-        out[k, y0:y1, x0:x1] = mask_utils.decode([rle])[:, :, 0]
-    return torch.from_numpy(out).view(torch.bool)
+        crops.append(mask_utils.decode([rle])[:, :, 0].T)  # (x1 - x0, y1 - y0), a view
+    return MaskCrops.from_columns(size, windows, crops)
+
+
+def rasterise_polygons(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[float, float],
+                       size: Tuple[int, int], flip: bool = False) -> Tensor:
+    """(G, H, W) bool: `polygon_crops(...)` made dense."""
+    return polygon_crops(instances, scale, size, flip).dense()
+
+
+def dense_crops(masks: np.ndarray) -> MaskCrops:
+    """(G, H, W) masks as `MaskCrops` with whole-image windows (for the rare RLE instances)."""
+    g, h, w = masks.shape
+    return MaskCrops.from_columns((h, w), [(0, 0, w, h)] * g, [m.T for m in masks.astype(np.uint8)])
 
 
 def decode_rle(seg: dict, height: int, width: int) -> np.ndarray:

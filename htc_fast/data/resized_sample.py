@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from htc_fast.data.raster import decode_rle, paint_labels, rasterise_polygons, sample_grid
+from htc_fast.data.mask_crops import MaskCrops
+from htc_fast.data.raster import dense_crops, paint_labels, polygon_crops, rasterise_polygons, sample_grid
 from htc_fast.data.semantic import IGNORE_INDEX, load_stuff_map
 from htc_fast.data.transforms import flip_boxes, resize_boxes
 from htc_fast.preprocess import rescale_size, resize
@@ -42,24 +43,24 @@ def resized_image(array: np.ndarray, size: Tuple[int, int], flip: bool) -> Tenso
     return resize(image, size) if tuple(size) != tuple(image.shape[1:]) else image.clone()
 
 
-def _instance_masks(ds: "CocoDetection", rec, instances, scale, size, flip) -> Tensor:
-    """(G, H, W) bool masks at the resized size: polygons rasterised there, RLEs sampled."""
-    polys = [i for i in instances if isinstance(i.segmentation, list)]
-    if len(polys) == len(instances):
-        return rasterise_polygons([i.segmentation for i in instances], scale, size, flip)
-    out = torch.zeros(len(instances), *size, dtype=torch.bool)
+def _instance_masks(ds: "CocoDetection", rec, instances, scale, size, flip) -> MaskCrops:
+    """The masks at the resized size: polygons rasterised there, RLEs (rare) sampled."""
+    if all(isinstance(i.segmentation, list) for i in instances):
+        return polygon_crops([i.segmentation for i in instances], scale, size, flip)
+    dense = torch.zeros(len(instances), *size, dtype=torch.bool)
     for k, inst in enumerate(instances):
         if isinstance(inst.segmentation, list):
-            out[k] = rasterise_polygons([inst.segmentation], scale, size, flip)[0]
+            dense[k] = rasterise_polygons([inst.segmentation], scale, size, flip)[0]
         else:
-            out[k] = torch.from_numpy(sample_grid(ds.decode_instance(rec, inst), size, 1, flip) != 0)
-    return out
+            dense[k] = torch.from_numpy(sample_grid(ds.decode_instance(rec, inst), size, 1, flip) != 0)
+    return dense_crops(dense.numpy())
 
 
 def load_resized(ds: "CocoDetection", index: int, scale: Tuple[int, int], flip: bool) -> "Sample":
     """Sample `index` of `ds` resized with mmcv's keep-ratio rule into `scale` (long max, short
     max) and mirrored when `flip`; `BadSampleError` naming the file when it cannot be loaded.
-    The semantic map (if any) is at `ds.semantic_stride` (`Sample.semantic_stride`)."""
+    The semantic map (if any) is at `ds.semantic_stride` (`Sample.semantic_stride`); the masks
+    are `MaskCrops` (dense where the batch is used: `TrainBatch.targets`)."""
     from htc_fast.data.coco import BadSampleError, Sample
 
     rec = ds.records[index]
@@ -88,7 +89,7 @@ def load_resized(ds: "CocoDetection", index: int, scale: Tuple[int, int], flip: 
     elif ds.semantic == "from_instances":
         # every `stride`-th pixel of the instance masks (already resized and flipped) and of the
         # crowd RLEs (decoded at the original size), painted largest first
-        grid = [masks.numpy()[:, ::stride, ::stride]]
+        grid = [masks.sample_grid(stride)]
         if crowd:
             grid.append(sample_grid(np.stack([ds.decode_instance(rec, i) for i in crowd]), (nh, nw), stride, flip))
         painted = targets + crowd

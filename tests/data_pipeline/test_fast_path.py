@@ -2,6 +2,7 @@
 size, semantic maps at the head's stride) against the reference path (decode at the original size,
 `resize_sample`, `flip_sample`, the model's full-resolution label downscale), on the real COCO
 images of tests/data/coco_mini."""
+import dataclasses
 import random
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_fast_path_matches_the_reference_path(dataset):
             flip = random.random() < 0.5
             f, r = dataset.load(index, scale, flip), _reference(dataset, index, scale, flip)
             assert f.image_shape == r.image_shape and f.scale_factor == r.scale_factor and f.flipped == flip
+            f = dataclasses.replace(f, masks=f.masks.dense())
             assert torch.equal(f.image, r.image) and torch.equal(f.labels, r.labels)
             torch.testing.assert_close(f.boxes, r.boxes, rtol=0, atol=1e-4)
             torch.testing.assert_close(f.ignore_boxes, r.ignore_boxes, rtol=0, atol=1e-4)
@@ -148,4 +150,39 @@ def test_resize_sample_refuses_strided_semantic_maps(dataset):
         resize_sample(f, (200, 120))
     with pytest.raises(ValueError, match="sampled every 8 pixels"):
         flip_sample(f)
-    assert resize_nearest(f.masks, f.image_shape).shape == f.masks.shape
+    assert resize_nearest(f.masks.dense(), f.image_shape).shape == f.masks.shape
+
+
+def test_window_rasterisation_is_pycocotools_full_image_result(dataset):
+    """Rasterising each polygon in its window is bit-identical to pycocotools on the whole image."""
+    from pycocotools import mask as mask_utils
+
+    rec = dataset.records[random.randrange(len(dataset))]
+    polys = [i.segmentation for i in rec.instances if not i.crowd]
+    sx, sy, flip = random.uniform(0.3, 3), random.uniform(0.3, 3), random.random() < 0.5
+    h, w = int(rec.height * sy), int(rec.width * sx)
+    got = rasterise_polygons(polys, (sx, sy), (h, w), flip)
+    for k, inst in enumerate(polys):
+        xy = [np.asarray(p, float).reshape(-1, 2) * (sx, sy) for p in inst]
+        for p in xy:
+            p[:, 0] = w - p[:, 0] if flip else p[:, 0]
+        full = mask_utils.decode([mask_utils.merge(mask_utils.frPyObjects([p.ravel() for p in xy], h, w))])[:, :, 0]
+        assert np.array_equal(got[k].numpy(), full != 0)
+
+
+def test_mask_crops_dense_and_grid():
+    from htc_fast.data.mask_crops import MaskCrops
+
+    h, w = random.randint(5, 60), random.randint(5, 60)
+    windows, crops, dense = [], [], torch.zeros(4, h, w, dtype=torch.bool)
+    for k in range(4):
+        x0, y0 = random.randint(0, w), random.randint(0, h)
+        x1, y1 = random.randint(x0, w), random.randint(y0, h)
+        crop = np.random.randint(0, 2, (x1 - x0, y1 - y0), dtype=np.uint8)
+        windows.append((x0, y0, x1, y1))
+        crops.append(crop)
+        dense[k, y0:y1, x0:x1] = torch.from_numpy(crop.T != 0)
+    m = MaskCrops.from_columns((h, w), windows, crops)
+    assert m.shape == (4, h, w) and torch.equal(m.dense(), dense)
+    for step in (1, 3, 8):
+        assert np.array_equal(m.sample_grid(step), dense[:, ::step, ::step].numpy())
