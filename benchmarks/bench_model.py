@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 
-from benchmarks.conftest import _devices, device_name
+from benchmarks.conftest import device_name
 from htc_fast.config import get_config
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import ImageBatch
@@ -29,22 +29,15 @@ def model():
     return build_htc(get_config("htc_r50_fpn_1x")).eval()
 
 
-def _cases(config):
-    out = []
-    for device in _devices(config):
-        for dtype in (["fp32", "bf16"] if device == "cuda" else ["fp32"]):
-            for impl in ("reference", "default"):
-                out.append(pytest.param((device, dtype, impl), id=f"{device}-{dtype}-{impl}"))
-    return out
+def model_cases(device):
+    """[(dtype, impl)]: the reference ops (the baseline) and the default backends, in fp32 and,
+    on CUDA, bf16 autocast."""
+    return [(dtype, impl) for dtype in (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+            for impl in ("reference", "default")]
 
 
-def pytest_generate_tests(metafunc):
-    if "model_case" in metafunc.fixturenames:
-        metafunc.parametrize("model_case", _cases(metafunc.config))
-
-
-def test_htc_inference(benchmark, model, model_case):
-    device, dtype, impl = model_case
+@pytest.mark.bench_cases(cases=model_cases, directions=("fwd",))
+def test_htc_inference(benchmark, model, device, dtype, impl, direction):
     net = model.to(device)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(1, 3, HEIGHT, WIDTH, generator=gen).to(device)

@@ -13,7 +13,8 @@ import contextlib
 import pytest
 import torch
 
-from benchmarks.conftest import _devices, device_name
+from benchmarks.bench_model import model_cases
+from benchmarks.conftest import device_name
 from htc_fast.config import get_config
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import ImageBatch, Targets
@@ -44,18 +45,8 @@ def batch(device):
     return inputs, Targets(boxes, labels, masks, semantic)
 
 
-def pytest_generate_tests(metafunc):
-    if "train_case" in metafunc.fixturenames:
-        cases = []
-        for device in _devices(metafunc.config):
-            for dtype in (["fp32", "bf16"] if device == "cuda" else ["fp32"]):
-                for impl in ("reference", "default"):
-                    cases.append(pytest.param((device, dtype, impl), id=f"{device}-{dtype}-{impl}"))
-        metafunc.parametrize("train_case", cases)
-
-
-def test_htc_train_iteration(benchmark, train_case):
-    device, dtype, impl = train_case
+@pytest.mark.bench_cases(cases=model_cases, directions=("fwdbwd",))
+def test_htc_train_iteration(benchmark, device, dtype, impl, direction):
     torch.manual_seed(0)
     model = build_htc(get_config("htc_r50_fpn_1x")).to(device).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
