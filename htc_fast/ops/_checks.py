@@ -30,8 +30,8 @@ def tensor(where: str, name: str, t, *, dim=None, floating=False, integer=False)
     if not isinstance(t, Tensor):
         raise OpTypeError(f"{where}: {name} must be a Tensor, got {describe(t)}")
     if t.device.type == "meta":
-        raise OpArgumentError(f"{where}: {name} is on the meta device; the op reads values, pass a "
-                              "tensor on cpu or cuda")
+        raise OpArgumentError(f"{where}: {name} is on meta, a device without data; the op reads "
+                              "values: pass a tensor on cpu or cuda")
     if dim is not None and t.dim() != dim:
         raise OpArgumentError(f"{where}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
     if floating and not t.is_floating_point():
@@ -99,10 +99,10 @@ def integer(where: str, name: str, value, *, minimum=None, maximum=None) -> int:
 def pair(where: str, name: str, value, *, minimum: int) -> tuple:
     """An int or a pair of ints, each >= minimum, as a tuple (a, b)."""
     items = (value, value) if _is_int(value) else value
-    if not isinstance(items, (tuple, list)) or len(items) != 2 or not all(_is_int(v) for v in items):
+    if not isinstance(items, (tuple, list)) or not all(_is_int(v) for v in items):
         raise OpTypeError(f"{where}: {name} must be an int or a pair of ints (each >= {minimum}), got "
                           f"{describe(value)}")
-    if min(items) < minimum:
-        raise OpArgumentError(f"{where}: {name} must be an int or a pair of ints, each >= {minimum}, "
+    if len(items) != 2 or min(items) < minimum:
+        raise OpArgumentError(f"{where}: {name} must be an int >= {minimum} or a pair of them, "
                               f"got {tuple(items)}")
     return int(items[0]), int(items[1])

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend
+from htc_fast.ops import _backend, _checks
+from htc_fast.ops._errors import OpArgumentError, OpTypeError
 from htc_fast.ops.reference import deform_conv as _ref
 
 __all__ = ["deform_conv2d"]
@@ -38,10 +39,14 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     Returns:
         (N, Co, Ho, Wo) in input's dtype, with Ho = (H + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
         (Wo likewise). Differentiable w.r.t. input, offset, mask, weight and bias. A sample whose
-        position is outside the map (or not finite) reads 0.
+        position is outside the map (or not finite) reads 0. Under ``torch.autocast`` input, weight
+        and bias are first cast to the autocast dtype (module docstring), so the output is in it.
     """
-    stride, padding, dilation = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                 _pair(dilation, "dilation", 1))
+    where = "deform_conv2d"
+    stride = _checks.pair(where, "stride", stride, minimum=1)
+    padding = _checks.pair(where, "padding", padding, minimum=0)
+    dilation = _checks.pair(where, "dilation", dilation, minimum=1)
+    input, weight, bias = _autocast_features(input, weight, bias)
     groups, offset_groups = _check(input, offset, weight, bias, mask, stride, padding, dilation)
     geometry = torch.float64 if input.dtype == torch.float64 else torch.float32
     offset = offset.to(geometry)
@@ -55,74 +60,68 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     return op(input, weight, offset, mask, bias, *args)
 
 
+def _autocast_features(input, weight, bias):
+    """The autocast rule applied before the checks (they would otherwise see bf16 activations
+    beside fp32 weights, the normal state under AMP): input, weight and bias in the autocast
+    dtype, unless the input is float64 (autocast leaves float64 alone, as for convolutions)."""
+    if not isinstance(input, Tensor) or input.device.type not in ("cpu", "cuda") \
+            or not torch.is_autocast_enabled(input.device.type) or input.dtype == torch.float64:
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+    cast = (lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+            and t.dtype != torch.float64 else t)
+    return cast(input), cast(weight), cast(bias)
+
+
 # ----------------------------------------------------------------------------- argument checks
 
-def _pair(value, name, minimum):
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
-        raise ValueError(f"deform_conv2d: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair
-
-
-def _check_tensor(t, name, dim):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"deform_conv2d: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != dim:
-        raise ValueError(f"deform_conv2d: {name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"deform_conv2d: {name} must be a floating-point tensor, got {t.dtype}")
-
-
 def _check(input, offset, weight, bias, mask, stride, padding, dilation):
-    """Validate shapes, dtypes and devices; return (groups, offset_groups)."""
-    _check_tensor(input, "input", 4)
-    _check_tensor(offset, "offset", 4)
-    _check_tensor(weight, "weight", 4)
+    """Validate types, shapes, devices, then dtypes (torchvision's order: a wrong size is
+    reported before a dtype mismatch); return (groups, offset_groups)."""
+    where = "deform_conv2d"
+    _checks.tensor(where, "input", input, dim=4, floating=True)
+    _checks.tensor(where, "offset", offset, dim=4, floating=True)
+    _checks.tensor(where, "weight", weight, dim=4, floating=True)
+    if mask is not None:
+        _checks.tensor(where, "mask", mask, dim=4, floating=True)
+    if bias is not None:
+        _checks.tensor(where, "bias", bias, dim=1, floating=True)
+    _checks.same_device(where, "input", input, offset=offset, weight=weight, mask=mask, bias=bias)
     n, c, h, w = input.shape
     co, cg, kh, kw = weight.shape
-    named = [("offset", offset), ("weight", weight)] + \
-        [(nm, t) for nm, t in (("mask", mask), ("bias", bias)) if t is not None]
-    for name, t in named:
-        if t.device != input.device:
-            raise ValueError(f"deform_conv2d: {name} is on {t.device} but input is on {input.device}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"deform_conv2d: weight is {weight.dtype} but input is {input.dtype}; "
-                        "cast them to one dtype (or use torch.autocast)")
     if min(cg, kh, kw, co) <= 0 or c % cg != 0:
-        raise ValueError(f"deform_conv2d: input has {c} channels, which weight of shape "
-                         f"{tuple(weight.shape)} (Co, C/groups, kh, kw) does not divide into groups")
+        raise OpArgumentError(f"{where}: input has {c} channels, which weight of shape "
+                              f"{tuple(weight.shape)} (Co, C/groups, kh, kw) does not divide into groups")
     groups = c // cg
     if co % groups != 0:
-        raise ValueError(f"deform_conv2d: weight has {co} output channels, not divisible by "
-                         f"groups = {groups} (input channels {c} / weight.shape[1] {cg})")
+        raise OpArgumentError(f"{where}: weight has {co} output channels, not divisible by "
+                              f"groups = {groups} (input channels {c} / weight.shape[1] {cg})")
     taps = kh * kw
     if offset.shape[1] == 0 or offset.shape[1] % (2 * taps) != 0:
-        raise ValueError(f"deform_conv2d: offset must have 2 * offset_groups * kh * kw channels "
-                         f"(a multiple of {2 * taps}), got {offset.shape[1]}")
+        raise OpArgumentError(f"{where}: offset must have 2 * offset_groups * kh * kw channels "
+                              f"(a multiple of {2 * taps}), got {offset.shape[1]}")
     offset_groups = offset.shape[1] // (2 * taps)
     if c % offset_groups != 0:
-        raise ValueError(f"deform_conv2d: input channels ({c}) must be divisible by the offset "
-                         f"groups ({offset_groups}, from offset's {offset.shape[1]} channels)")
+        raise OpArgumentError(f"{where}: input channels ({c}) must be divisible by the offset "
+                              f"groups ({offset_groups}, from offset's {offset.shape[1]} channels)")
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if ho <= 0 or wo <= 0:
-        raise ValueError(f"deform_conv2d: the output would be empty ({ho} x {wo}) for input "
-                         f"{h} x {w}, kernel {kh} x {kw}, stride {stride}, padding {padding}, "
-                         f"dilation {dilation}")
+        raise OpArgumentError(f"{where}: the output would be empty ({ho} x {wo}) for input "
+                              f"{h} x {w}, kernel {kh} x {kw}, stride {stride}, padding {padding}, "
+                              f"dilation {dilation}")
     if tuple(offset.shape) != (n, offset.shape[1], ho, wo):
-        raise ValueError(f"deform_conv2d: offset must have shape (N, 2*dg*kh*kw, Ho, Wo) = "
-                         f"({n}, {offset.shape[1]}, {ho}, {wo}), got {tuple(offset.shape)}")
-    if mask is not None:
-        _check_tensor(mask, "mask", 4)
-        if tuple(mask.shape) != (n, offset_groups * taps, ho, wo):
-            raise ValueError(f"deform_conv2d: mask must have shape (N, dg*kh*kw, Ho, Wo) = "
-                             f"({n}, {offset_groups * taps}, {ho}, {wo}), got {tuple(mask.shape)}")
-    if bias is not None:
-        _check_tensor(bias, "bias", 1)
-        if bias.shape[0] != co:
-            raise ValueError(f"deform_conv2d: bias must have shape ({co},), got {tuple(bias.shape)}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"deform_conv2d: bias is {bias.dtype} but input is {input.dtype}")
+        raise OpArgumentError(f"{where}: offset must have shape (N, 2*dg*kh*kw, Ho, Wo) = "
+                              f"({n}, {offset.shape[1]}, {ho}, {wo}), got {tuple(offset.shape)}")
+    if mask is not None and tuple(mask.shape) != (n, offset_groups * taps, ho, wo):
+        raise OpArgumentError(f"{where}: mask must have shape (N, dg*kh*kw, Ho, Wo) = "
+                              f"({n}, {offset_groups * taps}, {ho}, {wo}), got {tuple(mask.shape)}")
+    if bias is not None and bias.shape[0] != co:
+        raise OpArgumentError(f"{where}: bias must have shape ({co},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise OpTypeError(f"{where}: {name} is {t.dtype} but input is {input.dtype}; cast them to "
+                              "one dtype (or use torch.autocast)")
     return groups, offset_groups
 
 
@@ -171,15 +170,20 @@ _AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
                   | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
 
 
-def _autocast_deform_conv2d(input, weight, offset, mask, bias, *args):
-    # The rule (module docstring): features in the autocast dtype, geometry in float32.
-    dtype = torch.get_autocast_dtype(input.device.type)
-    cast = (lambda t: t if t is None else t.to(dtype)) if input.dtype != torch.float64 else (lambda t: t)
-    geometry = torch.float64 if input.dtype == torch.float64 else torch.float32
-    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-        return torch.ops.htc_fast.deform_conv2d(
-            cast(input), cast(weight), offset.to(geometry), None if mask is None else mask.to(geometry),
-            cast(bias), *args)
+def autocast_kernel(op_name):
+    """The Autocast{CPU,CUDA} kernel of the operator ``htc_fast::<op_name>`` (C++ or Triton): the
+    rule of the module docstring, then the operator below autocast."""
+    def kernel(input, weight, offset, mask, bias, *args):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        keep = input.dtype == torch.float64
+        cast = (lambda t: t) if keep else (lambda t: t if t is None else t.to(dtype))
+        geometry = torch.float64 if keep else torch.float32
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return getattr(torch.ops.htc_fast, op_name)(
+                cast(input), cast(weight), offset.to(geometry), None if mask is None else mask.to(geometry),
+                cast(bias), *args)
+
+    return kernel
 
 
 def _register():
@@ -187,10 +191,14 @@ def _register():
     torch.library.register_fake(lib + "deform_conv2d", _fake_deform_conv2d)
     torch.library.register_fake(lib + "deform_conv2d_backward", _fake_deform_conv2d_backward)
     register_deform_conv_autograd(lib + "deform_conv2d", torch.ops.htc_fast.deform_conv2d_backward)
-    for key in ("AutocastCPU", "AutocastCUDA"):
-        _autocast_lib.impl("deform_conv2d", _autocast_deform_conv2d, key)
 
 
+# The autocast kernels of the C++ and the Triton operators, registered by name (a kernel may precede
+# its schema: htc_fast.kernels defines the Triton one later, and _C may be missing); the library
+# object must stay alive: dropping it unregisters its kernels.
+_autocast_lib = torch.library.Library("htc_fast", "IMPL")
+for _name in (["deform_conv2d"] if _extension.loaded else []) + ["deform_conv2d_triton"]:
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        _autocast_lib.impl(_name, autocast_kernel(_name), _key)
 if _extension.loaded:
-    _autocast_lib = torch.library.Library("htc_fast", "IMPL")  # kept alive: dropping it unregisters
     _register()

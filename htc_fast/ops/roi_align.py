@@ -234,16 +234,16 @@ _AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
                   | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
 
 
-def _autocast_roi_align(input, rois, *args):
-    # The rule (module docstring): features keep their dtype, rois are geometry.
-    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-        return torch.ops.htc_fast.roi_align(input, rois.to(_geometry_dtype(input)), *args)
+def autocast_kernel(op_name):
+    """The Autocast{CPU,CUDA} kernel of ``htc_fast::<op_name>``, a roi_align or multilevel_roi_align
+    operator (C++ or Triton): the rule of the module docstring (features keep their dtype, rois
+    are geometry), then the operator below autocast."""
+    def kernel(features, rois, *args):
+        like = features[0] if isinstance(features, (list, tuple)) else features
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return getattr(torch.ops.htc_fast, op_name)(features, rois.to(_geometry_dtype(like)), *args)
 
-
-def _autocast_multilevel(features, rois, *args):
-    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-        return torch.ops.htc_fast.multilevel_roi_align(features, rois.to(_geometry_dtype(features[0])),
-                                                       *args)
+    return kernel
 
 
 def _register():
@@ -254,11 +254,15 @@ def _register():
     torch.library.register_fake(lib + "multilevel_roi_align_backward", _fake_multilevel_backward)
     register_roi_align_autograd(lib + "roi_align", torch.ops.htc_fast.roi_align_backward)
     register_multilevel_autograd(lib + "multilevel_roi_align", torch.ops.htc_fast.multilevel_roi_align_backward)
-    for key in ("AutocastCPU", "AutocastCUDA"):
-        _autocast_lib.impl("roi_align", _autocast_roi_align, key)
-        _autocast_lib.impl("multilevel_roi_align", _autocast_multilevel, key)
 
 
+# The autocast kernels of the C++ and the Triton operators, registered by name (a kernel may precede
+# its schema: htc_fast.kernels defines the Triton ones later, and _C may be missing); the library
+# object must stay alive: dropping it unregisters its kernels.
+_autocast_lib = torch.library.Library("htc_fast", "IMPL")
+for _name in (["roi_align", "multilevel_roi_align"] if _extension.loaded else []) + \
+        ["roi_align_triton", "multilevel_roi_align_triton"]:
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        _autocast_lib.impl(_name, autocast_kernel(_name), _key)
 if _extension.loaded:
-    _autocast_lib = torch.library.Library("htc_fast", "IMPL")  # kept alive: dropping it unregisters
     _register()

@@ -21,6 +21,12 @@ def deform_conv2d(input: Tensor, weight: Tensor, offset: Tensor, mask, bias, str
     (dy, dx) interleaved per (group, tap); mask (N, dg*kh*kw, Ho, Wo) or None; bias (Co,) or None.
     Returns (N, Co, Ho, Wo) in input.dtype.
     """
+    # Under autocast the einsum below would run in fp16/bf16; the spec computes in float32/64.
+    device_type = input.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return deform_conv2d(input, weight, offset, mask, bias, stride, padding, dilation, groups,
+                                 offset_groups)
     out_dtype = input.dtype
     compute = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = input.to(compute)
