@@ -148,6 +148,9 @@ class CocoDetection(torch.utils.data.Dataset):
         fast: with a transform that has `draw` (`TrainTransform`, `TestTransform`), load each
             sample straight at the network size (`resized_sample.load_resized`); False: decode at
             the original size, then `transform` (the reference path).
+        data_device: None (decode in the workers) or a device ("cuda", "cpu"): fast-path samples
+            then carry the file's bytes (`device_decode.EncodedImage`, header checked) and the
+            batch decodes, resizes, flips, normalises and pads on that device.
         skip_bad: `__getitem__` replaces an image that fails to load by the next loadable one of
             the same aspect group (with a warning) instead of raising; at most `max_refetch` tries.
     """
@@ -158,7 +161,7 @@ class CocoDetection(torch.utils.data.Dataset):
                  semantic: Optional[Literal["stuff_maps", "from_instances", "off"]] = None,
                  thing_ids: ThingIds = "stuff_id", filter_empty_gt: bool = True, min_size: int = 32,
                  check_files: bool = True, skip_bad: bool = False, max_refetch: int = 10,
-                 semantic_stride: int = 1, fast: bool = True):
+                 semantic_stride: int = 1, fast: bool = True, data_device=None):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.stuff_dir = None if stuff_dir is None else Path(stuff_dir)
         self.semantic = semantic or ("stuff_maps" if stuff_dir is not None else "off")
@@ -173,6 +176,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if isinstance(semantic_stride, bool) or not isinstance(semantic_stride, int) or semantic_stride < 1:
             raise ValueError(f"semantic_stride must be a positive int, got {semantic_stride!r}")
         self.semantic_stride, self.fast = semantic_stride, fast
+        self.data_device = None if data_device is None else torch.device(data_device)
         try:
             with open(self.ann_file) as f:
                 data = json.load(f)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from htc_fast.data.coco import Sample
+from htc_fast.data.device_decode import EncodedImage, decode_batch
 from htc_fast.data.mask_crops import MaskCrops
 from htc_fast.data.semantic import IGNORE_INDEX
 from htc_fast.model.inputs import ImageBatch, Targets
@@ -62,7 +63,10 @@ class TrainBatch:
 
     @cached_property
     def inputs(self) -> ImageBatch:
-        return ImageBatch(normalize_into_batch(self.images, self.padded_shape, self.mean, self.std),
+        images = self.images
+        if isinstance(images[0], EncodedImage):  # the GPU-side path: decode the batch on its device
+            images = decode_batch(images)
+        return ImageBatch(normalize_into_batch(images, self.padded_shape, self.mean, self.std),
                           self.image_shapes, self.scale_factors, self.original_shapes)
 
     @cached_property
@@ -74,19 +78,19 @@ class TrainBatch:
     def __iter__(self) -> Iterator:
         return iter((self.inputs, self.targets))
 
-    def _map(self, fn) -> "TrainBatch":
+    def _map(self, fn, image_fn=None) -> "TrainBatch":
         t = self.ground_truth
         targets = Targets([fn(b) for b in t.boxes], [fn(x) for x in t.labels],
                           [m.to_device(fn) if isinstance(m, MaskCrops) else fn(m) for m in t.masks],
                           None if t.semantic is None else fn(t.semantic))
-        return TrainBatch([fn(x) for x in self.images], self.padded_shape, self.image_shapes, self.scale_factors, self.original_shapes, targets,
+        return TrainBatch([(image_fn or fn)(x) for x in self.images], self.padded_shape, self.image_shapes, self.scale_factors, self.original_shapes, targets,
                           self.image_ids, [fn(b) for b in self.ignore_boxes], self.mean, self.std)
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         return self._map(lambda x: x.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "TrainBatch":
-        return self._map(_pin)
+        return self._map(_pin, lambda x: x.pin_memory() if isinstance(x, EncodedImage) else _pin(x))
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def check_png_crcs(data: bytes) -> None:
         pos += 12 + length
 
 
-def _orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1..8) of an opened image, 1 when absent or unreadable."""
     # JPEGs without an APP1/EXIF segment (most of COCO) skip the EXIF parse.
     if image.format == "JPEG" and "exif" not in image.info:
         return 1
@@ -101,7 +102,7 @@ def decode_rgb(data: bytes, name: Union[str, Path] = "<bytes>") -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                method = _UPRIGHT.get(_orientation(image))
+                method = _UPRIGHT.get(exif_orientation(image))
                 upright = image.transpose(method) if method is not None else image
                 array = _to_rgb_array(upright)
     except _DECODE_ERRORS as exc:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from htc_fast.data.device_decode import EncodedImage, encode_image
+from htc_fast.data.image_decode import read_file
 from htc_fast.data.mask_crops import MaskCrops
 from htc_fast.data.raster import dense_crops, paint_labels, polygon_crops, rasterise_polygons, sample_grid
 from htc_fast.data.semantic import IGNORE_INDEX, load_stuff_map
@@ -56,6 +58,16 @@ def _instance_masks(ds: "CocoDetection", rec, instances, scale, size, flip) -> M
     return dense_crops(dense.numpy())
 
 
+def _encoded(ds: "CocoDetection", rec, size, flip) -> EncodedImage:
+    from htc_fast.data.coco import BadSampleError
+
+    path = ds.image_dir / rec.file_name
+    try:
+        return encode_image(read_file(path), str(path), (rec.height, rec.width), size, flip, ds.data_device)
+    except (OSError, ValueError) as exc:
+        raise BadSampleError(f"image {rec.image_id}: {exc}") from exc
+
+
 def load_resized(ds: "CocoDetection", index: int, scale: Tuple[int, int], flip: bool) -> "Sample":
     """Sample `index` of `ds` resized with mmcv's keep-ratio rule into `scale` (long max, short
     max) and mirrored when `flip`; `BadSampleError` naming the file when it cannot be loaded.
@@ -64,11 +76,13 @@ def load_resized(ds: "CocoDetection", index: int, scale: Tuple[int, int], flip: 
     from htc_fast.data.coco import BadSampleError, Sample
 
     rec = ds.records[index]
-    array = ds.read_image(rec)
-    h, w = array.shape[:2]
+    h, w = rec.height, rec.width
     nh, nw = rescale_size(h, w, scale)
     factor = (nw / w, nh / h)
-    image = resized_image(array, (nh, nw), flip)
+    if ds.data_device is None:
+        image = resized_image(ds.read_image(rec), (nh, nw), flip)
+    else:  # decoded later, on the device, by the batch (`TrainBatch.inputs`)
+        image = _encoded(ds, rec, (nh, nw), flip)
     targets = [i for i in rec.instances if not i.crowd]
     crowd = [i for i in rec.instances if i.crowd]
     boxes = resize_boxes(torch.tensor([i.box for i in targets], dtype=torch.float32).reshape(-1, 4), factor, (nh, nw))

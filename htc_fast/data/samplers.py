@@ -134,14 +134,16 @@ def build_test_loader(dataset, cfg: Union[DataConfig, HTCConfig], batch_size: in
 
 def coco_train_dataset(root: Union[str, Path], cfg: HTCConfig, split: str = "train2017",
                        semantic: Optional[Literal["stuff_maps", "from_instances", "off"]] = None,
-                       skip_bad: bool = True) -> CocoDetection:
+                       skip_bad: bool = True, data_device=None) -> CocoDetection:
     """The training set under `root` with `TrainTransform(cfg.data)`.
 
     `semantic` None: "off" when `cfg.data.with_semantic` is False, else "stuff_maps" from
     `root/stuffthingmaps/<split>`; if that folder is missing, a FileNotFoundError says so (pass
     semantic="from_instances" to train the semantic branch on instance-derived maps instead, or
     "off"). Derived maps use COCO-stuff ids (category id - 1) when the semantic head has >= 182
-    classes, else the contiguous labels."""
+    classes, else the contiguous labels. `data_device` ("cuda"): the workers only read the image
+    files and parse annotations; each batch decodes, resizes, flips, normalises and pads its images
+    on that device when its `inputs` are read (see `CocoDetection`)."""
     root = Path(root)
     stuff_dir = root / "stuffthingmaps" / split
     if semantic is None:
@@ -155,7 +157,7 @@ def coco_train_dataset(root: Union[str, Path], cfg: HTCConfig, split: str = "tra
     return CocoDetection(root / "annotations" / f"instances_{split}.json", root / split,
                          transform=TrainTransform(cfg.data), stuff_dir=stuff_dir if semantic == "stuff_maps" else None,
                          semantic=semantic, thing_ids=thing_ids, skip_bad=skip_bad,
-                         semantic_stride=cfg.model.semantic.stride)
+                         semantic_stride=cfg.model.semantic.stride, data_device=data_device)
 
 
 def coco_test_dataset(root: Union[str, Path], cfg: Union[DataConfig, HTCConfig],
