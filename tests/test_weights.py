@@ -10,6 +10,7 @@ import http.server
 import io
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ class _Server:
     """Serves `routes[path] = (body, declared_length)` on 127.0.0.1 and counts the requests."""
 
     def __init__(self):
-        self.routes, self.hits = {}, []
+        self.routes, self.hits, self.delay_s = {}, [], 0.0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,6 +47,7 @@ class _Server:
                     self.send_error(404)
                     return
                 body, declared = server.routes[self.path]
+                time.sleep(server.delay_s)
                 self.send_response(200)
                 self.send_header("Content-Length", str(declared))
                 self.end_headers()
@@ -85,8 +87,13 @@ def tiny_checkpoint():
     return model.state_dict(), _checkpoint_bytes({"state_dict": model.state_dict(), "meta": {}})
 
 
+def _files(folder):
+    """What a folder holds besides the downloader's (empty) lock files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
 def _assert_empty(folder):
-    assert not folder.exists() or list(folder.iterdir()) == []
+    assert not folder.exists() or _files(folder) == []
 
 
 def test_right_file_is_downloaded_checked_and_cached(server, tmp_path, tiny_checkpoint):
@@ -94,7 +101,7 @@ def test_right_file_is_downloaded_checked_and_cached(server, tmp_path, tiny_chec
     url = server.add("/zoo/" + _named("htc_tiny_coco_20200101", data), data)
     path = resolve_weights(url, directory=tmp_path, progress=False)
     assert path.parent == tmp_path and path.read_bytes() == data
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    assert _files(tmp_path) == [path.name]  # no temporary file left
     model = build_htc(get_config("htc_tiny"))
     assert load_checkpoint(model, path).ok
     for key, value in model.state_dict().items():
@@ -136,6 +143,26 @@ def test_imagenet_backbone_by_name_loads_into_the_backbone(server, tmp_path, mon
             torch.testing.assert_close(model.state_dict()["backbone." + key], value, rtol=0, atol=0)
     # "imagenet" picks the preset's backbone name, served by the same patched URL.
     assert resolve_weights("imagenet", preset=preset, directory=tmp_path, progress=False) == path
+
+
+def test_concurrent_requests_download_once(server, tmp_path, tiny_checkpoint):
+    # The ranks of a torchrun job resolve the same weights at the same moment.
+    _, data = tiny_checkpoint
+    url = server.add("/" + _named("htc_tiny", data), data)
+    server.delay_s = 0.5  # the first download is still running when the others ask
+    paths = [None] * 4
+
+    def fetch(i):
+        paths[i] = download(url, directory=tmp_path, progress=False)
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(server.hits) == 1
+    assert all(p is not None and p.read_bytes() == data for p in paths)
+    assert _files(tmp_path) == [paths[0].name]
 
 
 def test_server_breaking_off_keeps_nothing(server, tmp_path, tiny_checkpoint):

@@ -7,7 +7,7 @@
 `resolve_weights` returns a local file for `htc_fast.model.load_checkpoint`, which maps the
 keys (mmdetection, htc_fast and torchvision/open-mmlab ImageNet layouts).
 """
-from htc_fast.weights.download import WeightsDownloadError, cache_dir, download, hash_prefix_of
+from htc_fast.weights.downloader import WeightsDownloadError, cache_dir, download, hash_prefix_of
 from htc_fast.weights.imagenet import IMAGENET_URLS, imagenet_name
 from htc_fast.weights.released import RELEASED, ReleasedCheckpoint, released_checkpoint
 from htc_fast.weights.resolve import resolve_weights

@@ -1,7 +1,7 @@
 """ImageNet backbone weights by the names mmdetection's HTC configs use.
 
 What it owns: the hub-name table (`torchvision://resnet50`, `open-mmlab://resnext101_32x4d`, ...)
-and which name a backbone configuration needs. What it does not own: downloading (download.py)
+and which name a backbone configuration needs. What it does not own: downloading (downloader.py)
 or mapping the keys (htc_fast.model.checkpoint loads these files with source="torchvision").
 
 `torchvision://NAME` is torchvision's IMAGENET1K_V1 file for that architecture (what mmcv's

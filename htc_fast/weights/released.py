@@ -1,11 +1,11 @@
 """The released HTC checkpoints, one per preset, and the COCO val2017 AP mmdetection reports.
 
 What it owns: the table (preset name -> checkpoint URL and reported box / mask AP). What it does
-not own: downloading (download.py) or loading (htc_fast.model.checkpoint).
+not own: downloading (downloader.py) or loading (htc_fast.model.checkpoint).
 
 The files are mmdetection 2.x's HTC model-zoo releases. By open-mmlab's publishing convention the
 part of the file name after the date is the first 8 hex digits of the file's sha256; the
-downloader reads it from the name and checks it (see download.hash_prefix_of).
+downloader reads it from the name and checks it (see downloader.hash_prefix_of).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from htc_fast.config import HTCConfig, get_config
-from htc_fast.weights.download import download
+from htc_fast.weights.downloader import download
 from htc_fast.weights.imagenet import HUB_PREFIXES, hub_url, imagenet_name
 from htc_fast.weights.released import released_checkpoint
 

@@ -7,9 +7,11 @@ A file lands in `<torch hub dir>/checkpoints/<file name>` (where torch.hub.load_
 puts it, so the two share downloads) only after it was received completely and its sha256 starts
 with the expected prefix: it is written to a temporary file in the same folder and renamed, so an
 interrupted or rejected download leaves nothing under the final name.
+Concurrent requests for one file (the ranks of a torchrun job) download it once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -76,16 +78,41 @@ def download(url: str, *, directory: str | os.PathLike | None = None,
         _check_hash(target, hash_prefix, url, cached=True)
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _fetch(url, out, progress)
-        _check_hash(Path(tmp_name), hash_prefix, url, cached=False)
-        os.replace(tmp_name, target)  # atomic within one file system
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with _one_download_at_a_time(folder / f".{target.name}.lock"):
+        if target.is_file():  # another process (a torchrun rank) fetched it while we waited
+            _check_hash(target, hash_prefix, url, cached=True)
+            return target
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _fetch(url, out, progress)
+            _check_hash(Path(tmp_name), hash_prefix, url, cached=False)
+            os.replace(tmp_name, target)  # atomic within one file system
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
     return target
+
+
+@contextlib.contextmanager
+def _one_download_at_a_time(lock_path: Path):
+    """An advisory lock (POSIX flock) on `lock_path`: when the ranks of a torchrun job ask for the
+    same file at once, one downloads it and the others wait, then find it cached. Not a
+    collective (no barrier), so a single caller never waits for anyone. The empty lock file stays:
+    removing it could let a late process lock a new file while another still holds the old one.
+    Where flock is missing (Windows) concurrent downloads stay correct (each writes its own
+    temporary file; the rename is atomic), only redundant."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _file_name(url: str) -> str:
