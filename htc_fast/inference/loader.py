@@ -1,6 +1,6 @@
-"""Batches for inference: prepared images -> one zero-padded uint8 tensor per batch (normalised
-into the model's ``ImageBatch`` on the device), and the DataLoader that builds them in worker
-processes while the model runs on the previous batch.
+"""Batches for inference: prepared uint8 images -> one batch (padded and normalised into the
+model's ``ImageBatch`` on the device), and the DataLoader that builds them in worker processes
+while the model runs on the previous batch.
 
 Padding is mmdetection's: every image of a batch is zero-padded bottom/right to the batch's
 largest size, rounded up to a multiple of 32. An image therefore sees a different amount of padding
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from htc_fast.data.collate import normalize_padded, pad_images
+from htc_fast.data.collate import normalize_into_batch, padded_size
 from htc_fast.data.samplers import InferenceSampler
 from htc_fast.inference.images import ImageFiles, PreparedImage, Unreadable
 from htc_fast.model.inputs import ImageBatch
@@ -25,46 +25,46 @@ from htc_fast.preprocess import MEAN, STD, ImageLike
 
 @dataclass(frozen=True)
 class InferenceBatch:
-    """pixels: (N, 3, H, W) uint8 RGB of ``images``, zero-padded bottom/right to a multiple of the
-    size divisor (None when every image of the batch was unreadable); images: the readable ones, in
-    order, their own pixels dropped; unreadable: the others; mean / std: the normalisation.
-    ``inputs``, the model's ImageBatch, is normalised where the pixels are when first read: after
-    ``to("cuda")`` on the GPU, so workers do no float work and a quarter of the bytes move."""
-    pixels: Optional[Tensor]
+    """pixels: per readable image its (3, h, w) uint8 RGB at the test scale; images: the readable
+    images' records, in the same order (their own pixels dropped); unreadable: the others;
+    padded_shape: (H, W), the batch's padded size (None when no image was readable); mean / std:
+    the normalisation. ``inputs``, the model's ImageBatch, is padded and normalised where the
+    pixels are when first read: after ``to("cuda")`` on the GPU, so workers do no float work and a
+    quarter of the bytes move."""
+    pixels: list[Tensor]
     images: list[PreparedImage]
     unreadable: list[Unreadable] = field(default_factory=list)
+    padded_shape: Optional[tuple[int, int]] = None
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
 
     @cached_property
     def inputs(self) -> Optional[ImageBatch]:
-        if self.pixels is None:
+        if not self.pixels:
             return None
-        shapes = [im.image_shape for im in self.images]
-        return ImageBatch(normalize_padded(self.pixels, shapes, self.mean, self.std), shapes,
-                          [im.scale_factor for im in self.images], [im.original_shape for im in self.images])
+        return ImageBatch(normalize_into_batch(self.pixels, self.padded_shape, self.mean, self.std),
+                          [im.image_shape for im in self.images], [im.scale_factor for im in self.images],
+                          [im.original_shape for im in self.images])
 
-    def _with_pixels(self, pixels: Optional[Tensor]) -> "InferenceBatch":
-        return InferenceBatch(pixels, self.images, self.unreadable, self.mean, self.std)
+    def _with_pixels(self, pixels: list[Tensor]) -> "InferenceBatch":
+        return replace(self, pixels=pixels)
 
     def to(self, device, non_blocking: bool = False) -> "InferenceBatch":
-        if self.pixels is None:
-            return self
-        return self._with_pixels(self.pixels.to(device, non_blocking=non_blocking))
+        return self._with_pixels([p.to(device, non_blocking=non_blocking) for p in self.pixels])
 
     def pin_memory(self) -> "InferenceBatch":
         """Called by the DataLoader's pin thread (CUDA only) so that ``to`` can copy asynchronously."""
-        return self if self.pixels is None else self._with_pixels(self.pixels.pin_memory())
+        return self._with_pixels([p.pin_memory() for p in self.pixels])
 
 
 def collate_images(items: Sequence[Union[PreparedImage, Unreadable]], mean=MEAN, std=STD,
                    size_divisor: int = 32) -> InferenceBatch:
-    """Pad the readable items' uint8 pixels into one tensor; set the unreadable ones aside."""
+    """Gather the readable items' pixels and the batch's padded size; set the unreadable ones aside."""
     readable = [x for x in items if isinstance(x, PreparedImage)]
     unreadable = [x for x in items if isinstance(x, Unreadable)]
-    pixels = pad_images([x.image for x in readable], size_divisor) if readable else None
-    images = [replace(x, image=None) for x in readable]  # their pixels are in `pixels` now
-    return InferenceBatch(pixels, images, unreadable, tuple(mean), tuple(std))
+    padded = padded_size([x.image_shape for x in readable], size_divisor) if readable else None
+    return InferenceBatch([x.image for x in readable], [replace(x, image=None) for x in readable], unreadable,
+                          padded, tuple(mean), tuple(std))
 
 
 def build_inference_loader(items: Sequence[tuple[ImageLike, Hashable]], scale: tuple[int, int], *,

@@ -56,7 +56,7 @@ def predict_batches(model, batches: Iterable[InferenceBatch], device, *, amp: Op
     context = autocast(device, amp)
     non_blocking = device.type == "cuda"
     for batch in batches:
-        if batch.pixels is None:
+        if not batch.pixels:
             yield batch, []
             continue
         batch = batch.to(device, non_blocking=non_blocking)  # then normalised there

@@ -109,12 +109,12 @@ def test_a_folder_copy_of_real_photos_loads_in_order(tmp_path):
 
 
 def test_collated_batch_is_make_batchs_preprocessing():
-    """The loader's batch (uint8 pixels padded in the worker, normalised where they are read)
+    """The loader's batch (uint8 pixels from the worker, padded and normalised where they are read)
     equals htc_fast.preprocess.make_batch on the same images, bit for bit."""
     photos = [PHOTOS[i] for i in torch.randperm(len(PHOTOS))[:3].tolist()]
     scale = (int(torch.randint(100, 300, ())), int(torch.randint(60, 200, ())))
     batch = collate_images([prepare_image(p, scale) for p in photos])
-    assert batch.pixels.dtype == torch.uint8 and all(im.image is None for im in batch.images)
+    assert all(p.dtype == torch.uint8 for p in batch.pixels) and all(im.image is None for im in batch.images)
     want = make_batch(photos, scale)
     assert torch.equal(batch.inputs.images, want.images)
     assert list(batch.inputs.image_shapes) == list(want.image_shapes)
