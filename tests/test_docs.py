@@ -18,7 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -115,7 +115,7 @@ def _cli_commands():
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def _help(module):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,

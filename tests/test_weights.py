@@ -18,8 +18,16 @@ import torch
 from htc_fast.config import PRESETS, get_config
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
-from htc_fast.weights import (IMAGENET_URLS, RELEASED, ReleasedCheckpoint, WeightsDownloadError,
-                              download, hash_prefix_of, imagenet_name, resolve_weights)
+from htc_fast.weights import (
+    IMAGENET_URLS,
+    RELEASED,
+    ReleasedCheckpoint,
+    WeightsDownloadError,
+    download,
+    hash_prefix_of,
+    imagenet_name,
+    resolve_weights,
+)
 
 
 def _checkpoint_bytes(state):
