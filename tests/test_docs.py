@@ -247,3 +247,23 @@ def test_repository_paths_the_docs_name_exist():
                 assert list(ROOT.glob(path)), f"{doc.name} names {path}, which matches nothing"
             else:
                 assert (ROOT / path).exists(), f"{doc.name} names {path}, which does not exist"
+
+
+def test_readme_scripting_claims():
+    # The README: the Python functions do not script; the operators do, inside TorchScript.
+    import torch
+
+    from htc_fast import _extension, ops
+
+    with pytest.raises(Exception):  # noqa: B017 - TorchScript raises several types
+        torch.jit.script(ops.roi_align)  # if this ever scripts, update the README's TorchScript note
+    if not _extension.loaded:
+        pytest.skip("htc_fast._C is not built")
+
+    @torch.jit.script
+    def pooled(x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return torch.ops.htc_fast.roi_align(x, rois, 0.25, 7, 7, 0, True)
+
+    x = torch.randn(2, 3, 20, 24)
+    rois = torch.tensor([[1.0, 4.0, 8.0, 60.0, 70.0], [0.0, 0.0, 0.0, 30.0, 20.0]])
+    torch.testing.assert_close(pooled(x, rois), ops.roi_align(x, rois, 7, 0.25, 0, True, backend="cpp"))
