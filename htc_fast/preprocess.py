@@ -59,12 +59,17 @@ def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
     """(3, h, w) uint8 -> (3, H, W) uint8, bilinear (half-pixel centres, no antialias).
 
     On the CPU this is PyTorch's uint8 kernel (fixed-point weights, integer accumulation, like
-    OpenCV's): within one grey level of `resize_float`, ~8x faster, no float copy of the image.
-    Channels-last input ((H, W, 3) memory, what `load_image` returns) is its fast layout. Other
-    devices have no uint8 bilinear kernel: `resize_float`."""
+    OpenCV's): within one grey level of `resize_float`, ~20x faster, no float copy of the image.
+    The result has channels-last memory ((H, W, 3), like `load_image`'s). Other devices have no
+    uint8 bilinear kernel: `resize_float`."""
     if image.device.type != "cpu":
         return resize_float(image, size)
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+    # PyTorch's fast uint8 kernel needs channels-last memory, batched through the (h, w, 3) view
+    # (image[None] would give the batch dimension a stride that makes it take the ~3x slower
+    # kernel); a (3, h, w)-contiguous image is worth converting first.
+    hwc = image.permute(1, 2, 0)
+    batched = (hwc if hwc.is_contiguous() else hwc.contiguous())[None].permute(0, 3, 1, 2)
+    return F.interpolate(batched, size=size, mode="bilinear", align_corners=False, antialias=False)[0]
 
 
 def resize_float(image: Tensor, size: Tuple[int, int]) -> Tensor:

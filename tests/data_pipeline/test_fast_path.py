@@ -61,6 +61,8 @@ def test_uint8_resize_is_within_one_grey_level_of_the_float_computation(dataset)
         fast, exact = resize(image, size), resize_float(image, size)
         diff = (fast.int() - exact.int()).abs()
         assert diff.max() <= 1 and diff.bool().float().mean() < 0.3
+        # channels-last out (the fast kernel's layout), whatever the input's memory
+        assert fast.permute(1, 2, 0).is_contiguous() and torch.equal(resize(image.contiguous(), size), fast)
     flat = torch.full((3, 17, 23), 77, dtype=torch.uint8)
     assert torch.equal(resize(flat, (40, 9)), torch.full((3, 40, 9), 77, dtype=torch.uint8))
 
