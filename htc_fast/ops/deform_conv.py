@@ -8,6 +8,9 @@ math lives in ``reference/deform_conv.py`` (the spec), ``csrc/deform_conv/`` (C+
 Autocast rule: like a convolution, the op runs in the autocast dtype (input, weight and bias are
 cast; the kernels accumulate in fp32), while offsets and masks are geometry and stay float32
 (float64 beside float64 features).
+
+TorchScript: the public function is not scriptable (keyword-only ``backend=``, Python-level
+checks); use ``torch.compile`` or ``torch.export``, which trace through the registered operators.
 """
 import torch
 from torch import Tensor

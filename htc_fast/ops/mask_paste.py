@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend, _debug
+from htc_fast.ops import _backend, _checks, _debug
+from htc_fast.ops._errors import OpArgumentError
 from htc_fast.ops.reference import mask_paste as _ref
 
 __all__ = ["paste_masks", "htc_mask_probs"]
@@ -71,24 +72,26 @@ def htc_mask_probs(stage_logits, labels):
         (N, M, M) float32 probabilities: (sigmoid(l_0) + ... + sigmoid(l_{S-1})) / S in float32.
         A label outside [0, C) gives an all-zero mask (``debug_checks`` turns it into an error).
     """
-    stage_logits = list(stage_logits)
-    if not stage_logits:
-        raise ValueError("htc_mask_probs: stage_logits must hold at least one (N, C, M, M) tensor")
+    where = "htc_mask_probs"
+    if not isinstance(stage_logits, (list, tuple)) or not stage_logits:
+        raise OpArgumentError(f"{where}: stage_logits must be a list of at least one (N, C, M, M) tensor, "
+                              f"got {_checks.describe(stage_logits)}")
     first = stage_logits[0]
     for i, t in enumerate(stage_logits):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise ValueError(f"htc_mask_probs: stage_logits[{i}] must be a float (N, C, M, M) tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        _checks.tensor(where, f"stage_logits[{i}]", t, floating=True)
+        if t.dim() != 4:
+            raise OpArgumentError(f"{where}: stage_logits[{i}] must be a float (N, C, M, M) tensor, got "
+                                  f"{tuple(t.shape)}")
         if t.shape != first.shape or t.device != first.device:
-            raise ValueError(f"htc_mask_probs: stage_logits[{i}] is {tuple(t.shape)} on {t.device}, "
-                             f"stage_logits[0] is {tuple(first.shape)} on {first.device}")
+            raise OpArgumentError(f"{where}: stage_logits[{i}] is {tuple(t.shape)} on {t.device}, "
+                                  f"stage_logits[0] is {tuple(first.shape)} on {first.device}")
     if (not isinstance(labels, Tensor) or labels.shape != (first.shape[0],) or labels.is_floating_point()
-            or labels.dtype == torch.bool):
-        raise ValueError(f"htc_mask_probs: labels must be an integer tensor of shape ({first.shape[0]},), "
-                         f"got {labels.dtype if isinstance(labels, Tensor) else type(labels).__name__} "
-                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
+            or labels.is_complex() or labels.dtype == torch.bool):
+        raise OpArgumentError(f"{where}: labels must be an integer tensor of shape ({first.shape[0]},), "
+                              f"got {_checks.describe(labels)}")
+    _checks.tensor(where, "labels", labels)
     if labels.device != first.device:
-        raise ValueError(f"htc_mask_probs: labels are on {labels.device} but the logits on {first.device}")
+        raise OpArgumentError(f"{where}: labels are on {labels.device} but the logits on {first.device}")
     num_classes = first.shape[1]
     valid = (labels >= 0) & (labels < num_classes)
     if _debug.enabled():
@@ -106,34 +109,29 @@ def htc_mask_probs(stage_logits, labels):
 # ----------------------------------------------------------------------------- argument checks
 
 def check_args(mask_probs, boxes, image_size, threshold, where):
-    """Validated (mask_probs, float32 contiguous boxes, height, width, threshold); ValueError or
-    TypeError naming the argument otherwise."""
-    if not isinstance(mask_probs, Tensor):
-        raise TypeError(f"{where}: mask_probs must be a Tensor, got {type(mask_probs).__name__}")
+    """Validated (mask_probs, float32 contiguous boxes, height, width, threshold); OpArgumentError
+    or OpTypeError naming the argument otherwise."""
+    _checks.tensor(where, "mask_probs", mask_probs, floating=True)
     if mask_probs.dim() != 3 or mask_probs.shape[1] == 0 or mask_probs.shape[2] == 0:
-        raise ValueError(f"{where}: mask_probs must have shape (N, M, M), got {tuple(mask_probs.shape)}")
-    if not mask_probs.is_floating_point():
-        raise TypeError(f"{where}: mask_probs must be floating point, got {mask_probs.dtype}")
-    if not isinstance(boxes, Tensor):
-        raise TypeError(f"{where}: boxes must be a Tensor, got {type(boxes).__name__}")
+        raise OpArgumentError(f"{where}: mask_probs must have shape (N, M, M), got {tuple(mask_probs.shape)}")
+    _checks.tensor(where, "boxes", boxes, floating=True)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{where}: boxes must have shape (N, 4) [x0, y0, x1, y1], got {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise TypeError(f"{where}: boxes must be floating point, got {boxes.dtype}")
+        raise OpArgumentError(f"{where}: boxes must have shape (N, 4) [x0, y0, x1, y1], got "
+                              f"{tuple(boxes.shape)}")
     if boxes.shape[0] != mask_probs.shape[0]:
-        raise ValueError(f"{where}: mask_probs has {mask_probs.shape[0]} masks for {boxes.shape[0]} boxes")
+        raise OpArgumentError(f"{where}: mask_probs has {mask_probs.shape[0]} masks for {boxes.shape[0]} boxes")
     if boxes.device != mask_probs.device:
-        raise ValueError(f"{where}: boxes are on {boxes.device} but mask_probs on {mask_probs.device}")
-    try:
-        height, width = (int(s) for s in image_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: image_size must be (height, width), got {image_size!r}") from None
+        raise OpArgumentError(f"{where}: boxes are on {boxes.device} but mask_probs on {mask_probs.device}")
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+        raise OpArgumentError(f"{where}: image_size must be (height, width), got {_checks.describe(image_size)}")
+    height = _checks.integer(where, "image_size[0] (height)", image_size[0])
+    width = _checks.integer(where, "image_size[1] (width)", image_size[1])
     if height <= 0 or width <= 0:
-        raise ValueError(f"{where}: image_size must be positive, got ({height}, {width})")
-    threshold = float(threshold)
+        raise OpArgumentError(f"{where}: image_size must be positive, got ({height}, {width})")
+    threshold = _checks.real(where, "threshold", threshold, allow_nan=True)
     if not (math.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"{where}: threshold must be positive and finite (pixels outside every box "
-                         f"have probability 0), got {threshold}")
+        raise OpArgumentError(f"{where}: threshold must be positive and finite (pixels outside every box "
+                              f"have probability 0), got {threshold}")
     return mask_probs, boxes.to(torch.float32).contiguous(), height, width, threshold
 
 

@@ -9,17 +9,26 @@ Autocast rule: RoIAlign runs in the dtype of its features (fp32, fp16 and bf16 k
 accumulate in fp32) and never casts them; rois/boxes are geometry and stay float32 (float64 for
 float64 features). The autocast kernels below make that explicit for code that calls the
 operators directly under ``torch.autocast``.
-"""
-import math
 
+TorchScript: the public function is not scriptable (keyword-only ``backend=``, Python-level
+checks); use ``torch.compile`` or ``torch.export``, which trace through the registered operators.
+"""
 import torch
 from torch import Tensor
 
 from htc_fast import _extension
-from htc_fast.ops import _backend, _debug
+from htc_fast.ops import _backend, _checks, _debug
+from htc_fast.ops._errors import OpArgumentError, OpTypeError, RoiBoxesError, RoiBoxesTypeError
 from htc_fast.ops.reference import roi_align as _ref
 
-__all__ = ["roi_align", "multilevel_roi_align", "map_roi_levels"]
+__all__ = ["roi_align", "multilevel_roi_align", "map_roi_levels", "MAX_LEVELS", "MAX_SAMPLING_RATIO"]
+
+# FPN levels one call accepts, on every backend (the Triton kernel takes one argument group per
+# level and has 5; the C++ kernels 8): HTC uses 4 (P2-P5), RetinaNet-style heads 5.
+MAX_LEVELS = 5
+# Samples per bin side. 64 (4096 samples per bin) is far past any use (mmdetection: 0 or 2); the
+# bound refuses values that would run for minutes and then fail to allocate.
+MAX_SAMPLING_RATIO = 64
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
@@ -30,23 +39,26 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
         input: (N, C, H, W) float32/float64/float16/bfloat16 features, contiguous or channels-last.
         boxes: (K, 5) float rois ``[batch_index, x1, y1, x2, y2]`` in input-image pixels, or a list
             of N tensors (L_i, 4) of xyxy boxes, one per image.
-        output_size: int or (out_h, out_w).
-        spatial_scale: features-per-pixel, 1/stride.
-        sampling_ratio: samples per bin side; <= 0 means ``ceil(roi_size / output_size)`` per RoI.
-        aligned: shift rois by -0.5 feature pixels (pixel-centre model); mmcv/mmdet use True.
+        output_size: int or (out_h, out_w), positive ints.
+        spatial_scale: features-per-pixel, 1/stride: a positive, finite number.
+        sampling_ratio: samples per bin side, an int <= 64 (``MAX_SAMPLING_RATIO``); <= 0 means
+            ``ceil(roi_size / output_size)`` per RoI.
+        aligned: (bool) shift rois by -0.5 feature pixels (pixel-centre model); mmcv/mmdet use True.
         backend: "reference", "cpp" or "triton"; None uses ``use_backend`` / the default table.
 
     Returns:
         (K, C, out_h, out_w) in ``input.dtype``, contiguous. Differentiable w.r.t. ``input`` only.
-        A RoI with a non-finite coordinate gives zeros.
+        A RoI with a non-finite coordinate, or whose batch index is outside [0, N) or NaN, gives
+        zeros; a fractional batch index is truncated toward zero (``debug_checks()`` rejects both).
+        Malformed boxes raise ``RoiBoxesError`` (also an AssertionError, as torchvision's).
     """
-    out_h, out_w = _pair(output_size, "output_size")
-    _check_features(input, "input")
-    rois = _as_rois(boxes, input)
+    where = "roi_align"
+    out_h, out_w = _checks.pair(where, "output_size", output_size, minimum=1)
+    _check_features(where, input, "input")
+    rois = _as_rois(where, boxes, input)
+    spatial_scale = _checks.real(where, "spatial_scale", spatial_scale, positive=True, finite=True)
+    sampling_ratio, aligned = _sampling(where, sampling_ratio, aligned)
     _check_rois(rois, input.shape[0])
-    spatial_scale = float(spatial_scale)
-    sampling_ratio = int(sampling_ratio)
-    aligned = bool(aligned)
     chosen = _backend.resolve("roi_align", input.device.type, backend)
     if chosen == "reference":
         return _ref.roi_align(input, rois, spatial_scale, out_h, out_w, sampling_ratio, aligned)
@@ -66,38 +78,41 @@ def multilevel_roi_align(features, rois, output_size, *, strides=(4, 8, 16, 32),
         features: L tensors (N, C, H_l, W_l) of one dtype and device (e.g. FPN P2..P5).
         rois: (K, 5) float rois ``[batch_index, x1, y1, x2, y2]`` in image pixels.
         output_size: int or (out_h, out_w).
-        strides: L level strides in pixels (``len(strides) == len(features)``).
+        strides: L level strides in pixels (``len(strides) == len(features)``), 1 <= L <= 5
+            (``MAX_LEVELS``, the same on every backend).
         finest_scale, sampling_ratio, aligned: as in mmdetection (defaults are HTC's).
         backend: as in ``roi_align``.
 
     Returns:
         (K, C, out_h, out_w) in the features' dtype, rows in the order of ``rois``.
     """
-    out_h, out_w = _pair(output_size, "output_size")
-    features = list(features)
-    if len(features) == 0:
-        raise ValueError("multilevel_roi_align: features must hold at least one level")
-    if len(strides) != len(features):
-        raise ValueError(f"multilevel_roi_align: got {len(features)} feature levels but "
-                         f"{len(strides)} strides; pass one stride per level")
+    where = "multilevel_roi_align"
+    out_h, out_w = _checks.pair(where, "output_size", output_size, minimum=1)
+    if not isinstance(features, (list, tuple)):
+        raise OpTypeError(f"{where}: features must be a list of L tensors (N, C, H_l, W_l), got "
+                          f"{_checks.describe(features)}")
+    if not 1 <= len(features) <= MAX_LEVELS:
+        raise OpArgumentError(f"{where}: features must hold 1 to {MAX_LEVELS} levels (every backend's "
+                              f"limit), got {len(features)}")
+    if not isinstance(strides, (list, tuple)) or len(strides) != len(features):
+        raise OpArgumentError(f"{where}: got {len(features)} feature levels but strides "
+                              f"{_checks.describe(strides)}; pass one stride per level")
     for i, f in enumerate(features):
-        _check_features(f, f"features[{i}]")
+        _check_features(where, f, f"features[{i}]")
         if f.dtype != features[0].dtype or f.device != features[0].device:
-            raise ValueError(f"multilevel_roi_align: features[{i}] is {f.dtype} on {f.device}, "
-                             f"features[0] is {features[0].dtype} on {features[0].device}")
+            raise OpArgumentError(f"{where}: features[{i}] is {f.dtype} on {f.device}, "
+                                  f"features[0] is {features[0].dtype} on {features[0].device}")
         if f.shape[:2] != features[0].shape[:2]:
-            raise ValueError(f"multilevel_roi_align: features[{i}] has (N, C) = {tuple(f.shape[:2])}, "
-                             f"features[0] has {tuple(features[0].shape[:2])}")
-    for s in strides:
-        if not (s > 0 and math.isfinite(s)):
-            raise ValueError(f"multilevel_roi_align: strides must be positive, got {tuple(strides)}")
-    if not (finest_scale > 0 and math.isfinite(finest_scale)):
-        raise ValueError(f"multilevel_roi_align: finest_scale must be positive, got {finest_scale}")
-    rois = _as_rois(rois, features[0])
+            raise OpArgumentError(f"{where}: features[{i}] has (N, C) = {tuple(f.shape[:2])}, "
+                                  f"features[0] has {tuple(features[0].shape[:2])}")
+    strides = [_checks.real(where, f"strides[{i}]", s, positive=True, finite=True) for i, s in enumerate(strides)]
+    finest_scale = _checks.real(where, "finest_scale", finest_scale, positive=True, finite=True)
+    sampling_ratio, aligned = _sampling(where, sampling_ratio, aligned)
+    rois = _as_rois(where, rois, features[0])
     _check_rois(rois, features[0].shape[0])
     scales = [1.0 / float(s) for s in strides]
     chosen = _backend.resolve("multilevel_roi_align", features[0].device.type, backend)
-    args = (rois, scales, out_h, out_w, int(sampling_ratio), bool(aligned), float(finest_scale))
+    args = (rois, scales, out_h, out_w, sampling_ratio, aligned, finest_scale)
     if chosen == "reference":
         return _ref.multilevel_roi_align(features, *args)
     op = (torch.ops.htc_fast.multilevel_roi_align if chosen == "cpp"
@@ -112,45 +127,42 @@ def map_roi_levels(rois, num_levels, finest_scale=56):
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _pair(size, name):
-    if isinstance(size, int):
-        size = (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {size}")
-    return size
+def _check_features(where, x, name):
+    _checks.tensor(where, name, x, dim=4, floating=True)
 
 
-def _check_features(x, name):
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+def _sampling(where, sampling_ratio, aligned):
+    """(sampling_ratio, aligned) checked: an int <= MAX_SAMPLING_RATIO and a bool."""
+    sampling_ratio = _checks.integer(where, "sampling_ratio", sampling_ratio, maximum=MAX_SAMPLING_RATIO)
+    if not isinstance(aligned, bool):
+        raise OpTypeError(f"{where}: aligned must be a bool, got {_checks.describe(aligned)}")
+    return sampling_ratio, aligned
 
 
-def _as_rois(boxes, like):
-    """(K, 5) rois from a (K, 5) tensor or a list of per-image (L, 4) boxes; geometry dtype."""
+def _as_rois(where, boxes, like):
+    """(K, 5) rois from a (K, 5) tensor or a list of per-image (L, 4) boxes; geometry dtype.
+    Malformed boxes raise RoiBoxesError / RoiBoxesTypeError (torchvision asserts on these)."""
+    geometry = _geometry_dtype(like)
     if isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
-            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"boxes[{i}] must be a Tensor of shape (L, 4), got "
-                                 f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+            _check_boxes(where, f"boxes[{i}]", b, like, "a Tensor of shape (L, 4)", 4)
         if len(boxes) == 0:
-            return torch.zeros(0, 5, dtype=_geometry_dtype(like), device=like.device)
-        ids = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device)
+            return torch.zeros(0, 5, dtype=geometry, device=like.device)
+        ids = torch.cat([torch.full((len(b), 1), i, dtype=geometry, device=b.device)
                          for i, b in enumerate(boxes)])
-        boxes = torch.cat([ids, torch.cat(list(boxes))], dim=1)
-    if not isinstance(boxes, Tensor):
-        raise TypeError(f"boxes must be a Tensor (K, 5) or a list of Tensors (L, 4), got {type(boxes).__name__}")
-    if boxes.dim() != 2 or boxes.shape[1] != 5:
-        raise ValueError(f"boxes/rois must have shape (K, 5) [batch_index, x1, y1, x2, y2], got {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise TypeError(f"boxes/rois must be floating point, got {boxes.dtype}")
-    if boxes.device != like.device:
-        raise ValueError(f"boxes/rois are on {boxes.device} but the features are on {like.device}")
-    return boxes.to(_geometry_dtype(like)).contiguous()
+        boxes = torch.cat([ids, torch.cat([b.to(geometry) for b in boxes])], dim=1)
+    _check_boxes(where, "boxes/rois", boxes, like,
+                 "a Tensor (K, 5) [batch_index, x1, y1, x2, y2] or a list of Tensors (L, 4)", 5)
+    return boxes.to(geometry).contiguous()
+
+
+def _check_boxes(where, name, b, like, expected, columns):
+    if not isinstance(b, Tensor):
+        raise RoiBoxesTypeError(f"{where}: {name} must be {expected}, got {_checks.describe(b)}")
+    if b.dim() != 2 or b.shape[1] != columns:
+        raise RoiBoxesError(f"{where}: {name} must be {expected}, got shape {tuple(b.shape)}")
+    _checks.tensor(where, name, b, floating=True)
+    _checks.same_device(where, "the features", like, **{name: b})
 
 
 def _geometry_dtype(features):

@@ -24,51 +24,60 @@ def inputs(device="cpu", n=2, c=3, h=8, w=9, k=4):
 
 # ------------------------------------------------------------------------------ argument errors
 
-@pytest.mark.parametrize("case, error, message", [
-    ("input_3d", ValueError, "input must be 4-D"),
-    ("input_int", TypeError, "input must be a floating-point"),
-    ("input_not_tensor", TypeError, "input must be a Tensor"),
-    ("rois_k4", ValueError, r"boxes/rois must have shape \(K, 5\)"),
-    ("rois_int", TypeError, "boxes/rois must be floating point"),
-    ("box_list_shape", ValueError, r"boxes\[1\] must be a Tensor of shape \(L, 4\)"),
-    ("output_size_zero", ValueError, "output_size must be a positive int"),
-    ("output_size_triple", ValueError, "output_size must be a positive int or a pair"),
-    ("backend_name", ValueError, "backend must be one of"),
-])
-def test_roi_align_argument_errors(case, error, message):
+ROI_ALIGN_ERRORS = {  # case: (changes to a good call, error, message)
+    "input_3d": (dict(input=lambda x, r: x[0]), ops.OpArgumentError, "input must be 4-D"),
+    "input_int": (dict(input=lambda x, r: x.long()), ops.OpTypeError, "input must be floating point"),
+    "input_not_tensor": (dict(input=lambda x, r: x.tolist()), ops.OpTypeError, "input must be a Tensor"),
+    "input_meta": (dict(input=lambda x, r: x.to("meta")), ops.OpArgumentError, "input is on meta"),
+    "rois_k4": (dict(boxes=lambda x, r: r[:, 1:]), ops.RoiBoxesError, r"boxes/rois must be a Tensor \(K, 5\)"),
+    "rois_int": (dict(boxes=lambda x, r: r.long()), ops.OpTypeError, "boxes/rois must be floating point"),
+    "rois_not_tensor": (dict(boxes=lambda x, r: 3), ops.RoiBoxesTypeError, "boxes/rois must be a Tensor"),
+    "box_list_shape": (dict(boxes=lambda x, r: [r[:2, 1:], r[2:]]), ops.RoiBoxesError,
+                       r"boxes\[1\] must be a Tensor of shape \(L, 4\)"),
+    "box_list_item": (dict(boxes=lambda x, r: [r[:2, 1:], None]), ops.RoiBoxesTypeError,
+                      r"boxes\[1\] must be a Tensor of shape \(L, 4\), got NoneType"),
+    "output_size_zero": (dict(output_size=0), ops.OpArgumentError, "output_size must be an int >= 1 or a pair"),
+    "output_size_triple": (dict(output_size=(2, 2, 2)), ops.OpArgumentError, "output_size must be an int >= 1 or a pair"),
+    "output_size_float": (dict(output_size=2.7), ops.OpTypeError, "output_size must be an int or a pair of ints \\(each >= 1\\), got float 2.7"),
+    "spatial_scale_zero": (dict(spatial_scale=0.0), ops.OpArgumentError, "spatial_scale must be positive, got 0.0"),
+    "spatial_scale_negative": (dict(spatial_scale=-0.25), ops.OpArgumentError, "spatial_scale must be positive"),
+    "spatial_scale_nan": (dict(spatial_scale=float("nan")), ops.OpArgumentError, "spatial_scale must not be NaN"),
+    "spatial_scale_inf": (dict(spatial_scale=float("inf")), ops.OpArgumentError, "spatial_scale must be finite"),
+    "spatial_scale_none": (dict(spatial_scale=None), ops.OpTypeError, "spatial_scale must be a number"),
+    "sampling_ratio_huge": (dict(sampling_ratio=2 ** 40), ops.OpArgumentError, "sampling_ratio must be an int <= 64"),
+    "sampling_ratio_float": (dict(sampling_ratio=2.5), ops.OpTypeError, "sampling_ratio must be an int"),
+    "aligned_str": (dict(aligned="yes"), ops.OpTypeError, "aligned must be a bool"),
+    "backend_name": (dict(backend="cuda"), ValueError, "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("case", list(ROI_ALIGN_ERRORS))
+def test_roi_align_argument_errors(case, backend):
+    """Every backend refuses the same arguments with the same message, before running a kernel."""
+    require_backend(backend, "cpu")
     x, rois = inputs()
-    kwargs = dict(output_size=2, spatial_scale=0.5)
-    if case == "input_3d":
-        x = x[0]
-    elif case == "input_int":
-        x = x.long()
-    elif case == "input_not_tensor":
-        x = x.tolist()
-    elif case == "rois_k4":
-        rois = rois[:, 1:]
-    elif case == "rois_int":
-        rois = rois.long()
-    elif case == "box_list_shape":
-        rois = [rois[:2, 1:], rois[2:]]
-    elif case == "output_size_zero":
-        kwargs["output_size"] = 0
-    elif case == "output_size_triple":
-        kwargs["output_size"] = (2, 2, 2)
-    elif case == "backend_name":
-        kwargs["backend"] = "cuda"
-    with pytest.raises(error, match=message):
-        ops.roi_align(x, rois, **kwargs)
+    changes, error, message = ROI_ALIGN_ERRORS[case]
+    kwargs = dict(input=x, boxes=rois, output_size=2, spatial_scale=0.5, backend=backend)
+    kwargs.update({k: (v(x, rois) if callable(v) else v) for k, v in changes.items()})
+    with pytest.raises(error, match=f"^roi_align: {message}"):
+        ops.roi_align(**kwargs)
 
 
 @pytest.mark.parametrize("case, error, message", [
     ("dtype_mismatch", ValueError, r"features\[1\] is torch.float64"),
     ("channels_mismatch", ValueError, r"features\[1\] has \(N, C\)"),
-    ("strides_length", ValueError, "got 2 feature levels but 3 strides"),
-    ("no_levels", ValueError, "features must hold at least one level"),
-    ("int_features", TypeError, r"features\[0\] must be a floating-point"),
-    ("bad_stride", ValueError, "strides must be positive"),
+    ("strides_length", ValueError, "got 2 feature levels but strides tuple of length 3"),
+    ("no_levels", ValueError, r"features must hold 1 to 5 levels \(every backend's limit\), got 0"),
+    ("six_levels", ValueError, r"features must hold 1 to 5 levels \(every backend's limit\), got 6"),
+    ("features_tensor", TypeError, "features must be a list of L tensors"),
+    ("int_features", TypeError, r"features\[0\] must be floating point"),
+    ("bad_stride", ValueError, r"strides\[1\] must be positive"),
+    ("stride_nan", ValueError, r"strides\[0\] must not be NaN"),
+    ("finest_scale_none", TypeError, "finest_scale must be a number"),
+    ("sampling_ratio_huge", ValueError, "sampling_ratio must be an int <= 64"),
     ("bad_finest_scale", ValueError, "finest_scale must be positive"),
-    ("rois_shape", ValueError, r"boxes/rois must have shape \(K, 5\)"),
+    ("rois_shape", ValueError, r"boxes/rois must be a Tensor \(K, 5\)"),
 ])
 def test_multilevel_argument_errors(case, error, message):
     feats = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
@@ -82,6 +91,16 @@ def test_multilevel_argument_errors(case, error, message):
         kwargs["strides"] = (4, 8, 16)
     elif case == "no_levels":
         feats, kwargs["strides"] = [], ()
+    elif case == "six_levels":
+        feats, kwargs["strides"] = [feats[0]] * 6, (4,) * 6
+    elif case == "features_tensor":
+        feats = feats[0]
+    elif case == "stride_nan":
+        kwargs["strides"] = (float("nan"), 8)
+    elif case == "finest_scale_none":
+        kwargs["finest_scale"] = None
+    elif case == "sampling_ratio_huge":
+        kwargs["sampling_ratio"] = 2 ** 40
     elif case == "int_features":
         feats = [f.int() for f in feats]
     elif case == "bad_stride":
@@ -97,9 +116,9 @@ def test_multilevel_argument_errors(case, error, message):
 @pytest.mark.cuda
 def test_rois_on_another_device():
     x, rois = inputs("cuda")
-    with pytest.raises(ValueError, match="boxes/rois are on cpu but the features are on cuda"):
+    with pytest.raises(ValueError, match="boxes/rois is on cpu but the features is on cuda"):
         ops.roi_align(x, rois.cpu(), 2, 0.5)
-    with pytest.raises(ValueError, match="boxes/rois are on cpu"):
+    with pytest.raises(ValueError, match="boxes/rois is on cpu"):
         ops.multilevel_roi_align([x], rois.cpu(), 2, strides=(2,))
 
 
