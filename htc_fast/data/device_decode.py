@@ -3,9 +3,11 @@
 What this module owns: `EncodedImage` (an image file's bytes plus what to do with them: the size
 to resize to, the flip), the worker-side check of its header (`encode_image`), and
 `decode_batch`, which turns a batch of them into resized, mirrored (3, H, W) uint8 images on the
-device: JPEGs through `torchvision.io.decode_jpeg(list, device=...)` in one batched call (nvJPEG
-on CUDA), anything else or a JPEG the batched call refuses through Pillow (`image_decode`) on the
-host. Normalising and padding are `collate.normalize_into_batch`, on the same device.
+device: plain JPEGs (RGB or grayscale, no EXIF rotation: what the worker's header check calls
+`device_decodable`, nearly all of COCO) through `torchvision.io.decode_jpeg(list, device=...)` in
+one batched call (nvJPEG on CUDA); anything else (PNG, CMYK or EXIF-rotated JPEGs) or a JPEG the
+decoder refuses through Pillow (`image_decode`) on the host, so that every file gets the CPU
+path's conversions. Normalising and padding are `collate.normalize_into_batch`, on the same device.
 
 The images equal the CPU path's (`resized_sample.resized_image`) within the resize tolerance: on
 the CPU (device "cpu", how the tests run it) the same uint8 resize runs and the results are
@@ -25,19 +27,18 @@ from torch import Tensor
 from htc_fast.data.image_decode import decode_rgb, exif_orientation
 from htc_fast.preprocess import resize
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-
 @dataclass(frozen=True)
 class EncodedImage:
     """An image still to decode. data: (n,) uint8, the file's bytes (on the host); name: the file
     (for messages); original_shape: upright (h, w); size: (H, W) to resize to; flip: mirror
-    horizontally; device: where `decode_batch` decodes it. `shape` is the decoded result's."""
+    horizontally; device_decodable: a plain JPEG for `decode_jpeg`; device: where `decode_batch`
+    decodes it. `shape` is the decoded result's."""
     data: Tensor
     name: str
     original_shape: Tuple[int, int]
     size: Tuple[int, int]
     flip: bool
+    device_decodable: bool
     device: Optional[torch.device] = None
 
     @property
@@ -59,14 +60,17 @@ def encode_image(data: bytes, name: str, expected_hw: Tuple[int, int], size: Tup
     try:
         with Image.open(io.BytesIO(data)) as image:
             w, h = image.size
-            if exif_orientation(image) in (5, 6, 7, 8):
+            orientation = exif_orientation(image)
+            if orientation in (5, 6, 7, 8):
                 h, w = w, h
+            plain = image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
     if (h, w) != tuple(expected_hw):
         raise ValueError(f"image {name} is {(h, w)} (h, w) but the annotations say {tuple(expected_hw)}")
     array = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return EncodedImage(array, name, (h, w), tuple(size), flip, None if device is None else torch.device(device))
+    return EncodedImage(array, name, (h, w), tuple(size), flip, plain,
+                        None if device is None else torch.device(device))
 
 
 def _decode_jpegs(images: Sequence[EncodedImage], device: torch.device) -> List[Optional[Tensor]]:
@@ -76,13 +80,12 @@ def _decode_jpegs(images: Sequence[EncodedImage], device: torch.device) -> List[
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in every process
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            return list(decode_jpeg([x.data for x in images], mode=ImageReadMode.RGB, device=device,
-                                    apply_exif_orientation=True))
+            return list(decode_jpeg([x.data for x in images], mode=ImageReadMode.RGB, device=device))
         except RuntimeError:  # one bad file fails the whole call: retry one by one
             out = []
             for x in images:
                 try:
-                    out.append(decode_jpeg(x.data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+                    out.append(decode_jpeg(x.data, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     out.append(None)
             return out
@@ -93,14 +96,14 @@ def decode_batch(images: Sequence[EncodedImage], device: Union[str, torch.device
     mirrored when asked, resized to its `size`. ValueError naming the file when one cannot be
     decoded (Pillow's message) or decodes to another size than its header said."""
     device = torch.device(device if device is not None else (images[0].device or "cpu"))
-    jpegs = [k for k, x in enumerate(images) if bytes(x.data[:3]) == _JPEG_MAGIC]
+    jpegs = [k for k, x in enumerate(images) if x.device_decodable]
     decoded: List[Optional[Tensor]] = [None] * len(images)
     if jpegs:
         for k, out in zip(jpegs, _decode_jpegs([images[k] for k in jpegs], device)):
             decoded[k] = out
     results = []
     for x, image in zip(images, decoded):
-        if image is None:  # not a JPEG, or refused: Pillow, which raises naming the file
+        if image is None:  # not a plain JPEG, or refused: Pillow, which raises naming the file
             image = torch.from_numpy(decode_rgb(x.data.numpy().tobytes(), x.name)).permute(2, 0, 1).to(device)
         if tuple(image.shape[1:]) != x.original_shape:
             raise ValueError(f"image {x.name} decoded to {tuple(image.shape[1:])} (h, w), its header said "

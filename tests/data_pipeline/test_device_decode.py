@@ -37,7 +37,8 @@ def test_device_path_gives_the_cpu_path_batches(device):
     cpu_batches, device_batches = _loader_batches(None, seed), _loader_batches(device, seed)
     assert len(cpu_batches) == len(device_batches) > 0
     for a, b in zip(cpu_batches, device_batches):
-        assert all(isinstance(x, EncodedImage) for x in b.images) and b.image_ids == a.image_ids
+        assert all(isinstance(x, EncodedImage) and x.device_decodable for x in b.images)  # COCO: plain JPEGs
+        assert b.image_ids == a.image_ids
         inputs_a, targets_a = a.to(device)
         inputs_b, targets_b = b.to(device)
         assert inputs_b.images.device.type == device and inputs_b.images.shape == inputs_a.images.shape
@@ -61,6 +62,12 @@ def test_decode_batch_handles_png_and_exif_and_flip():
     size = (random.randint(50, 300), random.randint(50, 300))
     a = encode_image(jpeg.getvalue(), "a.jpg", (w, h), size, True, "cpu")  # upright: h and w swapped
     b = encode_image(png.getvalue(), "b.png", (h, w), size, False, "cpu")
+    assert not a.device_decodable and not b.device_decodable  # EXIF-rotated JPEG, PNG: Pillow
+    plain, cmyk = io.BytesIO(), io.BytesIO()
+    photo.save(plain, format="JPEG")
+    photo.convert("CMYK").save(cmyk, format="JPEG")
+    assert encode_image(plain.getvalue(), "c.jpg", (h, w), size, False, "cpu").device_decodable
+    assert not encode_image(cmyk.getvalue(), "d.jpg", (h, w), size, False, "cpu").device_decodable
     out = decode_batch([a, b])
     assert [tuple(x.shape) for x in out] == [(3, *size), (3, *size)] and all(x.dtype == torch.uint8 for x in out)
     from htc_fast.data.image_decode import decode_rgb
