@@ -29,11 +29,15 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from htc_fast.kernels._device import on_device
 from htc_fast.kernels._math import div_rn
 
 __all__ = ["paste_masks_triton", "paste_mask_crops_triton", "paste_mask_windows_torch"]
 
 _MAX_BOXES_PER_LAUNCH = 65535
+# Register ceiling checked by scripts/check_triton_compile.py: 4-warp programs, >= 4 CTAs per SM
+# (65536 / (128 * 128)), enough to hide the probability gathers.
+MAX_REGS = {"_mask_paste_kernel": 128}
 
 
 @triton.jit
@@ -52,9 +56,9 @@ def _axis_taps(p, lo, size, cells, ok):
 
 # Image sizes, strides and the chunk offset vary per call; a mask size of 1 must stay a tensor (the
 # kernel converts it with .to), not become a constexpr.
-@triton.jit(do_not_specialize=["H", "W", "MH", "MW", "k0", "s_n", "s_h", "s_w"])
+@triton.jit(do_not_specialize=["H", "W", "MH", "MW", "k0", "s_n", "s_h", "s_w", "total"])
 def _mask_paste_kernel(out_ptr, probs_ptr, boxes_ptr, windows_ptr, offsets_ptr, H, W, MH, MW,
-                       s_n, s_h, s_w, thr, k0,
+                       s_n, s_h, s_w, thr, k0, total,
                        CROPS: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64) + k0
@@ -62,6 +66,13 @@ def _mask_paste_kernel(out_ptr, probs_ptr, boxes_ptr, windows_ptr, offsets_ptr, 
     wy0 = tl.load(windows_ptr + 4 * k + 1)
     wx1 = tl.load(windows_ptr + 4 * k + 2)
     wy1 = tl.load(windows_ptr + 4 * k + 3)
+    off = 0
+    if CROPS:  # a direct caller's window or offset that does not fit skips the box (as the CUDA kernel)
+        off = tl.load(offsets_ptr + k)
+        fits = (wx0 >= 0) & (wy0 >= 0) & (wx1 >= wx0) & (wy1 >= wy0) & (wx1 <= W) & (wy1 <= H)
+        end = tl.load(offsets_ptr + k + 1)
+        fits = fits & (off >= 0) & (off + (wx1 - wx0) * (wy1 - wy0) <= end) & (end <= total)
+        wx1 = tl.where(fits, wx1, wx0)  # an empty window: no tile works
     tiles_x = (wx1 - wx0 + BLOCK_X - 1) // BLOCK_X
     ty = t // tl.maximum(tiles_x, 1)
     tx = t - ty * tiles_x
@@ -99,7 +110,6 @@ def _mask_paste_kernel(out_ptr, probs_ptr, boxes_ptr, windows_ptr, offsets_ptr, 
         value = (v00 * e2 + v01 * w2) * s2 + (v10 * e2 + v11 * w2) * n2  # along x, then along y
         inside = (ys < wy1)[:, None] & (xs < wx1)[None, :]
         if CROPS:
-            off = tl.load(offsets_ptr + k)
             idx = off + (xs - wx0)[None, :] * (wy1 - wy0) + (ys - wy0)[:, None]
         else:
             idx = k * H * W + ys[:, None] * W + xs[None, :]
@@ -133,6 +143,7 @@ def paste_mask_windows_torch(boxes: Tensor, mask_height: int, mask_width: int, h
 
 
 def _launch(out, mask_probs, boxes, windows, offsets, height, width, threshold, crops):
+    """Paste into `out` (dense (N, H, W) or flat crops of out.numel() values), under the device guard."""
     if _INTERPRETED and is_fake(out):
         # Tracing (torch.compile, opcheck) runs the op on fake tensors; an interpreted launch would
         # read their (absent) data. The shapes are all tracing needs (as in kernels/roi_align.py).
@@ -142,12 +153,13 @@ def _launch(out, mask_probs, boxes, windows, offsets, height, width, threshold, 
     if _INTERPRETED:  # the interpreter's cost is per program, not per pixel: few, large tiles
         block_y, block_x = 64, 128
     tiles = triton.cdiv(height, block_y) * triton.cdiv(width, block_x)
-    for k0 in range(0, n, _MAX_BOXES_PER_LAUNCH):
-        count = min(_MAX_BOXES_PER_LAUNCH, n - k0)
-        wrap_triton(_mask_paste_kernel)[(tiles, count)](
-            out, mask_probs, boxes, windows, offsets, height, width, mask_probs.shape[1],
-            mask_probs.shape[2], *mask_probs.stride(), float(threshold), k0,
-            CROPS=crops, BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=4)
+    with on_device(out):
+        for k0 in range(0, n, _MAX_BOXES_PER_LAUNCH):
+            count = min(_MAX_BOXES_PER_LAUNCH, n - k0)
+            wrap_triton(_mask_paste_kernel)[(tiles, count)](
+                out, mask_probs, boxes, windows, offsets, height, width, mask_probs.shape[1],
+                mask_probs.shape[2], *mask_probs.stride(), float(threshold), k0, out.numel(),
+                CROPS=crops, BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=4)
 
 
 @triton_op("htc_fast::paste_masks_triton", mutates_args=())
@@ -167,8 +179,17 @@ def paste_masks_triton(mask_probs: Tensor, boxes: Tensor, height: int, width: in
 def paste_mask_crops_triton(mask_probs: Tensor, boxes: Tensor, windows: Tensor, offsets: Tensor,
                             total: int, height: int, width: int, threshold: float) -> Tensor:
     """Crops as ``htc_fast::paste_mask_crops``: windows (N, 4) int64 inside the (height, width)
-    image, offsets (N + 1,) int64 -> flat (total,) bool, crop n column-major at offsets[n]. The
-    caller guarantees that the crops fit (``mask_rle.crop_offsets`` builds them so)."""
+    image, offsets (N + 1,) int64 -> flat (total,) bool, crop n column-major at offsets[n]
+    (``mask_rle.crop_offsets`` builds them so). A crop that does not fit (window outside the image,
+    or not inside [offsets[n], offsets[n + 1]) within total) is skipped (reads as empty), checked in
+    the kernel: no host sync, no out-of-bounds write."""
+    n = boxes.shape[0]
+    if windows.shape != (n, 4) or windows.dtype != torch.int64:
+        raise ValueError(f"paste_mask_crops_triton: windows must be int64 of shape ({n}, 4), got "
+                         f"{windows.dtype} {tuple(windows.shape)}")
+    if offsets.shape != (n + 1,) or offsets.dtype != torch.int64:
+        raise ValueError(f"paste_mask_crops_triton: offsets must be int64 of shape ({n + 1},), got "
+                         f"{offsets.dtype} {tuple(offsets.shape)}")
     out = torch.zeros((total,), dtype=torch.bool, device=boxes.device)
     if boxes.shape[0] == 0 or total == 0:
         return out

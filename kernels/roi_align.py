@@ -31,10 +31,15 @@ zero buffer (coalesced atomics), converted at the end to a contiguous tensor of 
 
 Accumulation dtype T: float64 for float64 features, else float32 (fp16/bf16 loads are converted);
 T is the rois' dtype, which the public API sets. fp32 divisions and square roots use the IEEE-rounded
-tl.div_rn / tl.sqrt_rn (plain '/' is approximate on NVIDIA GPUs and ceil(roi/P) must be exact).
+tl.div_rn / tl.sqrt_rn (plain '/' is approximate on NVIDIA GPUs and ceil(roi/P) must be exact), and
+the kernel is compiled with enable_fp_fusion=False: contracting the roi scaling x*s - off or the bin
+start start + p*bin into one FMA rounds once instead of twice, and with a non-power-of-two scale
+flips ceil(roi/P) for a few RoIs in 10^4 against the CPU (scripts/check_triton_compile.py rejects
+any fma.rn in this kernel's PTX).
 
 Determinism: the forward is deterministic; the backward uses tl.atomic_add, so the summation order
-(and the last bits of the gradient) varies from run to run.
+(and the last bits of the gradient) varies from run to run: it alerts (kernels/_determinism.py),
+so torch.use_deterministic_algorithms(True) raises, as torchvision does.
 """
 import torch
 import triton
@@ -43,6 +48,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from htc_fast.kernels._determinism import alert_not_deterministic
+from htc_fast.kernels._device import on_device
 from htc_fast.kernels._math import div_rn, sqrt_rn
 from htc_fast.ops.roi_align import register_multilevel_autograd, register_roi_align_autograd
 
@@ -50,6 +57,11 @@ __all__ = ["roi_align_triton", "roi_align_backward_triton", "multilevel_roi_alig
            "multilevel_roi_align_backward_triton", "MAX_LEVELS"]
 
 MAX_LEVELS = 5  # feature levels one launch handles (the kernel takes one argument group per level)
+# Register ceiling checked by scripts/check_triton_compile.py: programs of <= 4 warps gathering
+# scattered pixels want many resident warps; 80 registers keep >= 6 CTAs of 4 warps per SM
+# (65536 / (80 * 128)). NO_FMA: kernels whose PTX must contain no fma.rn (exact roi geometry).
+MAX_REGS = {"_roi_align_kernel": 80}
+NO_FMA = ("_roi_align_kernel",)
 
 
 @triton.jit
@@ -263,17 +275,20 @@ def _launch(io, rois, levels, scales, pooled_height, pooled_width, sampling_rati
         t = levels[j]
         level_args += [t, t.shape[2], t.shape[3], *t.stride(), float(scales[j])]
     grid = (rois.shape[0] * pooled_height * pooled_width, triton.cdiv(c, block_c))
-    wrap_triton(_roi_align_kernel)[grid](
-        io, rois, *level_args, n, c, pooled_height, pooled_width, *io.stride(), sampling_ratio,
-        float(finest_scale), ALIGNED=bool(aligned), MULTILEVEL=multilevel, NUM_LEVELS=len(levels),
-        BACKWARD=backward, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 32)))
+    with on_device(io):
+        wrap_triton(_roi_align_kernel)[grid](
+            io, rois, *level_args, n, c, pooled_height, pooled_width, *io.stride(), sampling_ratio,
+            float(finest_scale), ALIGNED=bool(aligned), MULTILEVEL=multilevel, NUM_LEVELS=len(levels),
+            BACKWARD=backward, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 32)),
+            maxnreg=MAX_REGS["_roi_align_kernel"],  # left alone, ptxas spills fp64 at 64 registers
+            enable_fp_fusion=False)  # x*s - off and start + p*bin must round twice, as on the CPU
 
 
 def _output(k, like, pooled_height, pooled_width):
-    """The (K, C, PH, PW) tensor the forward kernel writes. Triton runs on CPU tensors only under
-    TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates (GPUs round to nearest even); there bf16
+    """The (K, C, PH, PW) tensor the forward kernel writes. The interpreter (TRITON_INTERPRET=1)
+    truncates fp32 -> bf16 casts (GPUs round to nearest even); there bf16
     results are written in fp32 and rounded by torch, so CI checks the rounding the GPU does."""
-    dtype = torch.float32 if like.dtype == torch.bfloat16 and like.device.type == "cpu" else like.dtype
+    dtype = torch.float32 if like.dtype == torch.bfloat16 and _INTERPRETED else like.dtype
     return torch.empty((k, like.shape[1], pooled_height, pooled_width), dtype=dtype, device=like.device)
 
 
@@ -314,6 +329,7 @@ def roi_align_backward_triton(grad: Tensor, rois: Tensor, spatial_scale: float, 
                               pooled_width: int, batch_size: int, channels: int, height: int,
                               width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient w.r.t. the input: grad (K, C, PH, PW) -> contiguous (N, C, H, W) in grad.dtype."""
+    alert_not_deterministic("roi_align_backward_triton")  # atomic adds (as torchvision)
     rois = _prepare_rois(rois, grad.dtype, "roi_align_backward_triton")
     shape = (batch_size, channels, height, width)
     if rois.shape[0] == 0 or grad.numel() == 0 or batch_size * channels * height * width == 0:
@@ -348,6 +364,7 @@ def multilevel_roi_align_backward_triton(grad: Tensor, rois: Tensor, spatial_sca
                                          sampling_ratio: int, aligned: bool,
                                          finest_scale: float) -> list[Tensor]:
     """Gradient w.r.t. each level: grad (K, C, PH, PW) -> L contiguous (N, C, H_l, W_l), grad.dtype."""
+    alert_not_deterministic("multilevel_roi_align_backward_triton")  # atomic adds
     _check_levels(len(heights), len(spatial_scales), "multilevel_roi_align_backward_triton")
     if len(widths) != len(heights):
         raise ValueError(f"multilevel_roi_align_backward_triton: {len(heights)} heights, {len(widths)} widths")
