@@ -11,9 +11,10 @@
 // Backward (fp32 -- fp64 for fp64 -- throughout): grad_columns = W^T grad_out (batched GEMM);
 // grad_weight += grad_out columns^T (columns recomputed); grad_input by a col2im kernel that
 // scatters grad_columns through the bilinear corners with atomicAdd (not deterministic -- the CPU
-// backward is); grad_offset / grad_mask by one thread per (offset group, tap, position) summing
+// backward is -- so it raises under torch.use_deterministic_algorithms(True)); grad_offset / grad_mask by one thread per (offset group, tap, position) summing
 // over the group's channels (deterministic).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -128,6 +129,8 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     at::Tensor out_n = out[n].view({G, cout_g, P});
     for (int64_t p0 = 0; p0 < P; p0 += tile) {
       const int64_t t = std::min(tile, P - p0);
+      // htc:max-regs im2col_kernel 48 fp64=64: 256-thread blocks, 5 per SM (62.5 % occupancy;
+      // 4 for fp64): a gather loop over the taps that needs many loads in flight.
       im2col_kernel<scalar_t, scalar_t, T><<<blocks_for(s.channels * t), kThreadsPerBlock, 0, stream>>>(
           s, image_ptr<scalar_t>(x, n), image_ptr<T>(off, n), image_ptr<T>(msk, n), p0, t,
           columns.data_ptr<scalar_t>(), tile);
@@ -168,10 +171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
           columns.data_ptr<T>(), tile);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       grad_weight.baddbmm_(go_t, columns.view({G, rows_g, tile}).narrow(2, 0, t).transpose(1, 2));
+      // htc:max-regs col2im_kernel 48 fp64=56: 5 blocks of 256 per SM (4 for fp64), atomics-bound.
       col2im_kernel<T><<<blocks_for(s.channels * K * t), kThreadsPerBlock, 0, stream>>>(
           s, grad_columns.data_ptr<T>(), image_ptr<T>(off, n), image_ptr<T>(msk, n), p0, t,
           grad_input.data_ptr<T>() + n * grad_input.stride(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // htc:max-regs offset_mask_grad_kernel 56 fp64=72: 4 blocks of 256 per SM (50 %; 3 for fp64);
+      // a channel loop with four corner loads per step.
       offset_mask_grad_kernel<scalar_t, T><<<blocks_for(s.offset_groups * K * t), kThreadsPerBlock, 0, stream>>>(
           s, image_ptr<scalar_t>(x, n), image_ptr<T>(off, n), image_ptr<T>(msk, n), grad_columns.data_ptr<T>(),
           p0, t, grad_offset.data_ptr<T>() + n * grad_offset.stride(0),
@@ -207,6 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
   const ConvShape s = check_args(input, weight, offset, mask, std::nullopt, stride_h, stride_w, pad_h, pad_w,
                                  dil_h, dil_w, groups, offset_groups, op);
   check_grad(grad, input, s, op);
+  // grad_input is accumulated with atomics (col2im_kernel): summation order varies run to run.
+  at::globalContext().alertNotDeterministic(op);
   if (s.batch == 0) {
     return empty_batch_grads(input, weight, offset, mask);
   }

@@ -1,14 +1,17 @@
 // Mask paste on CUDA: dense binary masks, per-box crops (for COCO RLE), and the paste windows.
 //
-// One thread per pixel of a box's window. Grid: y = box (launched in chunks of 65535 boxes, the
-// limit of that axis), x = tiles of the window; the grid is sized for the largest window the image
-// allows, so no host sync is needed to learn the windows, and blocks past a box's own window exit
-// at once. Each thread computes its pixel's row and column taps (mask_paste_common.h, the code the
+// One thread per pixel of a tile of a box's window. Grid: y = box (launched in chunks of 65535
+// boxes, the limit of that axis), x = a capped number of blocks per box (paste_blocks_per_box:
+// enough blocks in all to fill the GPU a few times over, never more than the image has tiles);
+// each block loops over the tiles of its own box's window, which it computes on the device, so no
+// host sync is needed to learn the windows and no blocks are launched for empty image area.
+// Each thread computes its pixel's row and column taps (mask_paste_common.h, the code the
 // CPU runs) and reads the four mask cells with bounds checks (zero padding), in float32 whatever
 // the mask dtype. Dense (N, H, W) bool is zero-filled first and only window pixels are written;
 // tiles are 8 rows x 32 columns, threadIdx.x along x (coalesced stores). Crops are column-major,
 // so there threadIdx.x runs along y. Deterministic: every pixel is written once.
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,8 +37,11 @@ struct MaskView {
 
 // kCrops = false: windows == nullptr, each thread recomputes its box's window (cheap, no buffer).
 // kCrops = true: windows/offsets give each crop; a window or offset that does not fit skips the box.
+// At least kPasteBlocksPerSM resident blocks: ptxas keeps the loop within 40 registers.
+constexpr int kPasteBlocksPerSM = 6;
+
 template <typename scalar_t, bool kCrops>
-__global__ void paste_kernel(const scalar_t* __restrict__ probs, MaskView mv,
+__global__ void __launch_bounds__(kTileMajor * kTileMinor, kPasteBlocksPerSM) paste_kernel(const scalar_t* __restrict__ probs, MaskView mv,
                              const float* __restrict__ boxes, const int64_t* __restrict__ windows,
                              const int64_t* __restrict__ offsets, int64_t total, int64_t height,
                              int64_t width, float thr, int64_t k0, bool* __restrict__ out) {
@@ -54,29 +60,39 @@ __global__ void paste_kernel(const scalar_t* __restrict__ probs, MaskView mv,
   } else {
     win = paste_window(box, mv.mh, mv.mw, height, width);
   }
-  // Tile (ty, tx) of the window; the tile's major axis is x for dense output, y for crops.
+  // Tiles (ty, tx) of the window; the tile's major axis is x for dense output, y for crops.
   const int64_t tile_w = kCrops ? kTileMinor : kTileMajor, tile_h = kCrops ? kTileMajor : kTileMinor;
   const int64_t tiles_x = (win.width() + tile_w - 1) / tile_w;
-  if (tiles_x == 0) return;
-  const int64_t t = blockIdx.x, ty = t / tiles_x, tx = t - ty * tiles_x;
-  const int64_t x = win.x0 + tx * tile_w + (kCrops ? threadIdx.y : threadIdx.x);
-  const int64_t y = win.y0 + ty * tile_h + (kCrops ? threadIdx.x : threadIdx.y);
-  if (x >= win.x1 || y >= win.y1) return;
+  const int64_t tiles = tiles_x * ((win.height() + tile_h - 1) / tile_h);
   const BoxGeom g = box_geom(box);
-  float value = 0.0f;
-  if (g.valid) {
-    const scalar_t* m = probs + k * mv.s_n;
-    const auto at = [&](int32_t i, int32_t j) -> float {
-      // Padded cell (i, j) is mask cell (i - 1, j - 1); outside the mask it is a zero.
-      const int64_t r = static_cast<int64_t>(i) - 1, c = static_cast<int64_t>(j) - 1;
-      return (r >= 0 && r < mv.mh && c >= 0 && c < mv.mw) ? static_cast<float>(m[r * mv.s_h + c * mv.s_w])
-                                                          : 0.0f;
-    };
-    value = bilinear(at, axis_tap(y, g.y0, g.h, mv.mh), axis_tap(x, g.x0, g.w, mv.mw));
+  const scalar_t* m = probs + k * mv.s_n;
+  const auto at = [&](int32_t i, int32_t j) -> float {
+    // Padded cell (i, j) is mask cell (i - 1, j - 1); outside the mask it is a zero.
+    const int64_t r = static_cast<int64_t>(i) - 1, c = static_cast<int64_t>(j) - 1;
+    return (r >= 0 && r < mv.mh && c >= 0 && c < mv.mw) ? static_cast<float>(m[r * mv.s_h + c * mv.s_w])
+                                                        : 0.0f;
+  };
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t ty = t / tiles_x, tx = t - ty * tiles_x;
+    const int64_t x = win.x0 + tx * tile_w + (kCrops ? threadIdx.y : threadIdx.x);
+    const int64_t y = win.y0 + ty * tile_h + (kCrops ? threadIdx.x : threadIdx.y);
+    if (x >= win.x1 || y >= win.y1) continue;
+    const float value =
+        g.valid ? bilinear(at, axis_tap(y, g.y0, g.h, mv.mh), axis_tap(x, g.x0, g.w, mv.mw)) : 0.0f;
+    const int64_t idx = kCrops ? base + (x - win.x0) * win.height() + (y - win.y0)
+                               : (k * height + y) * width + x;
+    out[idx] = value >= thr;
   }
-  const int64_t idx = kCrops ? base + (x - win.x0) * win.height() + (y - win.y0)
-                             : (k * height + y) * width + x;
-  out[idx] = value >= thr;
+}
+
+// Blocks per box (grid x): about kBlocksPerSM blocks per SM over all `boxes` of a launch, at
+// least one per box, and no more than the `tiles` of a window as large as the image.
+constexpr int64_t kBlocksPerSM = 32;
+
+unsigned int paste_blocks_per_box(int64_t boxes, int64_t tiles) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // cached, no sync
+  const int64_t want = (kBlocksPerSM * sms + boxes - 1) / boxes;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(want, tiles)));
 }
 
 __global__ void windows_kernel(const float* __restrict__ boxes, int64_t n, int64_t mh, int64_t mw,
@@ -106,7 +122,10 @@ void launch(const at::Tensor& probs, const at::Tensor& boxes, const int64_t* win
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "paste_masks", [&] {
     for (int64_t k0 = 0; k0 < n; k0 += kMaxBoxesPerLaunch) {
       const int64_t count = std::min(kMaxBoxesPerLaunch, n - k0);
-      const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(count));
+      const dim3 grid(paste_blocks_per_box(count, tiles), static_cast<unsigned int>(count));
+      // htc:max-regs paste_kernel 40: 256-thread blocks, 6 per SM (75 % occupancy, held by
+      // __launch_bounds__); each thread is a few loads and a store per tile, so latency hiding
+      // needs the warps.
       paste_kernel<scalar_t, kCrops><<<grid, block, 0, stream>>>(
           probs.data_ptr<scalar_t>(), mv, boxes.data_ptr<float>(), windows, offsets, total, height,
           width, thr, k0, out.data_ptr<bool>());
@@ -140,6 +159,8 @@ at::Tensor paste_mask_windows_cuda(const at::Tensor& boxes_in, int64_t mask_heig
   const int64_t n = boxes.size(0);
   at::Tensor out = at::empty({n, 4}, boxes.options().dtype(at::kLong));
   if (n == 0) return out;
+  // htc:max-regs windows_kernel 48: one thread per box, a few hundred threads in all: occupancy
+  // is irrelevant, the ceiling only guards against spills creeping in.
   windows_kernel<<<blocks_for(n), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
       boxes.data_ptr<float>(), n, mask_height, mask_width, height, width, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -64,10 +64,12 @@ HTC_HD RoiGrid<T> make_roi_grid(const T* box, T scale, int64_t pooled_h, int64_t
                                 int64_t sampling_ratio, bool aligned) {
   RoiGrid<T> g;
   const T off = aligned ? T(0.5) : T(0);
-  g.start_w = box[0] * scale - off;
-  g.start_h = box[1] * scale - off;
-  T roi_w = box[2] * scale - off - g.start_w;
-  T roi_h = box[3] * scale - off - g.start_h;
+  // mul_rn: nvcc would fuse `x * scale - off` into an FMA, the CPU does not; rounding the product
+  // alone makes both compute the same start and bin, hence the same ceil(bin) and samples.
+  g.start_w = hd::mul_rn(box[0], scale) - off;
+  g.start_h = hd::mul_rn(box[1], scale) - off;
+  T roi_w = hd::mul_rn(box[2], scale) - off - g.start_w;
+  T roi_h = hd::mul_rn(box[3], scale) - off - g.start_h;
   if (!aligned) {
     roi_w = roi_w > T(1) ? roi_w : T(1);
     roi_h = roi_h > T(1) ? roi_h : T(1);
@@ -89,10 +91,12 @@ HTC_HD RoiGrid<T> make_roi_grid(const T* box, T scale, int64_t pooled_h, int64_t
   return g;
 }
 
-// Coordinate of sample i of bin p along one axis (torchvision's operation order).
+// Coordinate of sample i of bin p along one axis (torchvision's operation order; products never
+// fused into the additions, so CPU and GPU agree bit for bit).
 template <typename T>
 HTC_HD T sample_coord(T start, T bin, int64_t p, int64_t i, int64_t grid) {
-  return start + static_cast<T>(p) * bin + (static_cast<T>(i) + T(0.5)) * bin / static_cast<T>(grid);
+  return start + hd::mul_rn(static_cast<T>(p), bin) +
+         hd::mul_rn(static_cast<T>(i) + T(0.5), bin) / static_cast<T>(grid);
 }
 
 // Sample indices [begin, end) of bin p that can land in [-1, size]: a conservative superset (the
@@ -106,7 +110,7 @@ HTC_HD SampleRange sample_range(T start, T bin, int64_t p, int64_t grid, int64_t
   SampleRange r{0, grid};
   const T step = bin / static_cast<T>(grid);
   if (!(step > T(0))) return r;  // zero/negative bins: grid is the user's sampling_ratio, small
-  const T base = start + static_cast<T>(p) * bin;
+  const T base = start + hd::mul_rn(static_cast<T>(p), bin);
   T lo = hd::floor((T(-1) - base) / step - T(0.5)) - T(1);
   T hi = hd::floor((static_cast<T>(size) - base) / step - T(0.5)) + T(2);
   const T g = static_cast<T>(grid);
@@ -153,7 +157,7 @@ HTC_HD AxisTap<T> axis_tap(T v, int64_t size) {
 // in mmdetection either, and gets zeros.
 template <typename T>
 HTC_HD int roi_level(const T* box, T finest_scale, int num_levels) {
-  const T size = hd::sqrt((box[2] - box[0]) * (box[3] - box[1]));
+  const T size = hd::sqrt(hd::mul_rn(box[2] - box[0], box[3] - box[1]));
   const T lvl = hd::floor(hd::log2(size / finest_scale + T(1e-6)));
   if (!(lvl == lvl)) return -1;
   if (lvl < T(0)) return 0;

@@ -6,7 +6,9 @@
 // px (nearby reads); for channels-last maps they take consecutive channels (coalesced reads).
 // Accumulation in at::opmath_type (fp32 for half/bf16). Output contiguous (K, C, out_h, out_w).
 // Backward: one thread per grad element, atomicAdd into fp32 (fp64) buffers: not deterministic
-// (the CPU backward is); the buffers are cast to the gradient dtype at the end.
+// (the CPU backward is), so it raises under torch.use_deterministic_algorithms(True) as
+// torchvision's does; the buffers are cast to the gradient dtype at the end.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -117,6 +119,9 @@ at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tenso
     const auto levels = make_levels<const scalar_t, acc_t>(maps, scales, map_levels, finest_scale);
     auto kernel = channels_last ? roi_align_forward_kernel<scalar_t, true>
                                 : roi_align_forward_kernel<scalar_t, false>;
+    // htc:max-regs roi_align_forward_kernel 72 fp64=104: 256-thread blocks, 3 per SM (37.5 %
+    // occupancy; 2 for fp64, not a speed path). The loop is gather-bound; 72 is what the RoI plan
+    // and two sample ranges cost without spilling.
     kernel<<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
         levels, rois.data_ptr<acc_t>(), channels, ph, pw, sampling_ratio, aligned,
         out.data_ptr<scalar_t>(), total);
@@ -134,6 +139,8 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad_in,
   TORCH_CHECK(heights.size() == scales.size() && widths.size() == scales.size(), op,
               ": one height and width per level expected");
   const c10::cuda::CUDAGuard guard(grad_in.device());
+  // Atomic accumulation: summation order varies run to run.
+  at::globalContext().alertNotDeterministic(op);
   const at::Tensor grad = grad_in.contiguous(), rois = rois_in.contiguous();
   std::vector<at::Tensor> bufs = grad_buffers(grad, heights, widths, batch_size, channels);
   const int64_t total = grad.numel();
@@ -142,6 +149,8 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto levels = make_levels<acc_t, acc_t>(bufs, scales, map_levels, finest_scale);
+    // htc:max-regs roi_align_backward_kernel 72 fp64=104: as the forward (3 blocks of 256 per
+    // SM, 2 for fp64); the atomics, not occupancy, bound it.
     roi_align_backward_kernel<scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
         levels, rois.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), channels, ph, pw, sampling_ratio,
         aligned, total);
