@@ -29,6 +29,13 @@ TORCH_LIBRARY_FRAGMENT(htc_fast, m) {
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   // Exactly `nms` run separately for each value of idxs, merged by descending score.
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // batched_nms with static output shapes (no host sync on CUDA): keep (max_output,) int64 holds
+  // batched_nms(...)[:max_output] padded with -1; num_kept is a 0-d int64 count of the valid
+  // entries. max_group_size (> 0) bounds the boxes of one idxs value and sizes the CUDA bit mask
+  // without reading anything back; a larger group takes part with only its max_group_size
+  // best-scored boxes (ties by index), on every device -- the result is then batched_nms of those.
+  m.def("batched_nms_padded(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
+        "int max_output, int max_group_size) -> (Tensor keep, Tensor num_kept)");
 
   // Deformable convolution v1 / modulated v2 (csrc/deform_conv/), torchvision's semantics.
   // offset: (N, 2*dg*kh*kw, Ho, Wo) (dy, dx) per (group, tap); mask: (N, dg*kh*kw, Ho, Wo) or None.

@@ -51,5 +51,34 @@ HTC_HD bool suppresses(const Box<T>& a, T area_a, const Box<T>& b, T area_b, T t
   return inter / (area_a + area_b - inter) > threshold;
 }
 
+// The sorted rows [begin, end) of the segment holding sorted row i. `keys` (the segment value of
+// each row, ascending; nullptr: one segment) makes a segment a run of equal keys, found by binary
+// search so every row can look up its own segment in parallel. `end` is cut to begin + max_group:
+// rows past a segment's max_group best-scored boxes take no part in NMS (batched_nms_padded).
+struct Segment {
+  int64_t begin, end;
+};
+
+HTC_HD Segment segment_of(const int64_t* keys, int64_t n, int64_t i, int64_t max_group) {
+  Segment seg{0, n};
+  if (keys != nullptr) {
+    const int64_t key = keys[i];
+    int64_t lo = 0, hi = i;  // the first row with this key: in [0, i]
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (keys[mid] < key) lo = mid + 1; else hi = mid;
+    }
+    seg.begin = lo;
+    lo = i + 1, hi = n;  // one past the last row with this key: in [i + 1, n]
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (keys[mid] <= key) lo = mid + 1; else hi = mid;
+    }
+    seg.end = lo;
+  }
+  if (seg.end - seg.begin > max_group) seg.end = seg.begin + max_group;
+  return seg;
+}
+
 }  // namespace nms
 }  // namespace htc_fast

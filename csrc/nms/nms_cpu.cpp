@@ -1,4 +1,5 @@
-// NMS on CPU: plain and batched (exact per-segment semantics), one template.
+// NMS on CPU: plain, batched (exact per-segment semantics) and batched with a fixed-size output,
+// one template.
 //
 // Boxes are sorted by score, then stably by segment (nms_host.h), and copied into structure-of-
 // arrays in the accumulation type. Each segment runs torchvision's greedy chain independently
@@ -11,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "nms/nms_common.h"
@@ -33,24 +36,23 @@ void greedy_segment(const T* x1, const T* y1, const T* x2, const T* y2, const T*
   }
 }
 
+// max_group > 0: only the max_group best-scored boxes of each segment take part (segment_of).
 at::Tensor nms_cpu_impl(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
-                        const at::Tensor* idxs, double iou_threshold) {
+                        const at::Tensor* idxs, double iou_threshold, int64_t max_group = 0) {
   check_nms_args(op, boxes, scores, idxs);
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   at::Tensor by_score, by_segment;
   std::tie(by_score, by_segment) = segment_order(scores, idxs);
 
-  // Segment boundaries over the sorted order.
-  std::vector<int64_t> starts{0};
-  if (idxs != nullptr) {
-    const at::Tensor keys = idxs->index_select(0, by_segment).to(at::kLong).contiguous();
-    const int64_t* k = keys.data_ptr<int64_t>();
-    for (int64_t i = 1; i < n; ++i)
-      if (k[i] != k[i - 1]) starts.push_back(i);
-  }
-  starts.push_back(n);
-  const int64_t num_segments = static_cast<int64_t>(starts.size()) - 1;
+  // Segments over the sorted order, each cut to max_group rows (the rule the CUDA kernels follow).
+  const at::Tensor keys_t = sorted_keys(idxs, by_segment);
+  const int64_t* keys = keys_t.defined() ? keys_t.data_ptr<int64_t>() : nullptr;
+  std::vector<Segment> segments;
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || (keys != nullptr && keys[i] != keys[i - 1]))
+      segments.push_back(segment_of(keys, n, i, max_group > 0 ? max_group : n));
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
 
   at::Tensor kept_sorted = at::zeros({n}, boxes.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms", [&] {
@@ -66,7 +68,8 @@ at::Tensor nms_cpu_impl(const char* op, const at::Tensor& boxes, const at::Tenso
     const acc_t threshold = threshold_as<acc_t>(iou_threshold);
     at::parallel_for(0, num_segments, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s)
-        greedy_segment(x1, y1, x2, y2, area.data(), starts[s], starts[s + 1], threshold, removed.data(), kept);
+        greedy_segment(x1, y1, x2, y2, area.data(), segments[s].begin, segments[s].end, threshold,
+                       removed.data(), kept);
     });
   });
   at::Tensor keep = at::zeros({n}, boxes.options().dtype(at::kBool));
@@ -83,11 +86,25 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, co
   return nms_cpu_impl("htc_fast::batched_nms", boxes, scores, &idxs, iou_threshold);
 }
 
+// The batched result cut to max_output and padded with -1, and min(kept, max_output).
+std::tuple<at::Tensor, at::Tensor> batched_nms_padded_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                                                          const at::Tensor& idxs, double iou_threshold,
+                                                          int64_t max_output, int64_t max_group_size) {
+  const char* op = "htc_fast::batched_nms_padded";
+  check_padded_args(op, max_output, max_group_size);
+  const at::Tensor kept = nms_cpu_impl(op, boxes, scores, &idxs, iou_threshold, max_group_size);
+  const int64_t count = std::min(kept.size(0), max_output);
+  at::Tensor keep = at::full({max_output}, -1, kept.options());
+  keep.narrow(0, 0, count).copy_(kept.narrow(0, 0, count));
+  return {keep, at::scalar_tensor(count, kept.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(htc_fast, CPU, m) {
   m.impl("nms", &nms_cpu);
   m.impl("batched_nms", &batched_nms_cpu);
+  m.impl("batched_nms_padded", &batched_nms_padded_cpu);
 }
 
 }  // namespace nms

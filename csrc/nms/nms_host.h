@@ -39,6 +39,17 @@ inline std::tuple<at::Tensor, at::Tensor> segment_order(const at::Tensor& scores
   return {by_score, by_score.index_select(0, perm)};
 }
 
+// batched_nms_padded's static sizes: max_output >= 0 kept slots, groups of at most max_group_size.
+inline void check_padded_args(const char* op, int64_t max_output, int64_t max_group_size) {
+  TORCH_CHECK_VALUE(max_output >= 0, op, ": max_output must be >= 0, got ", max_output);
+  TORCH_CHECK_VALUE(max_group_size > 0, op, ": max_group_size must be > 0, got ", max_group_size);
+}
+
+// Segment values in segment order (int64, ascending) for segment_of; undefined without idxs.
+inline at::Tensor sorted_keys(const at::Tensor* idxs, const at::Tensor& by_segment) {
+  return idxs == nullptr ? at::Tensor() : idxs->index_select(0, by_segment).to(at::kLong).contiguous();
+}
+
 // The kept indices in score order, from a keep mask over the original indices.
 inline at::Tensor kept_in_score_order(const at::Tensor& by_score, const at::Tensor& keep) {
   return by_score.masked_select(keep.index_select(0, by_score));
