@@ -141,7 +141,8 @@ def test_train_pipeline(benchmark, bench_case, stuff_dir, semantic, impl):
     run = _epoch(impl, ds)
     images = run()
     bench_case(forward=run, inputs=[], direction="fwd", device="cpu", group=f"data-train-semantic_{semantic}",
-               extra_info={"impl": impl, "role": "baseline" if impl == "legacy" else "candidate", "dtype": "uint8",
+               extra_info={"op": "train data (1 core)", "case": f"semantic {semantic}, {images} images",
+                           "impl": impl, "role": "baseline" if impl == "legacy" else "candidate", "dtype": "uint8",
                            "images": images, "semantic": semantic}, cpu_rounds=(1, 7))
     benchmark.extra_info["images_per_s_per_core"] = round(images / benchmark.stats.stats.median, 2)
 
@@ -155,6 +156,7 @@ def test_decode(benchmark, bench_case, impl):
         return [decode(p) for p in paths]
 
     bench_case(forward=run, inputs=[], direction="fwd", device="cpu", group="data-decode-jpeg",
-               extra_info={"impl": impl, "role": "baseline" if impl == "torchvision" else "candidate",
-                           "dtype": "uint8", "images": len(paths)}, cpu_rounds=(2, 15))
+               extra_info={"op": "decode jpeg (1 core)", "case": f"{len(paths)} COCO images", "impl": impl,
+                           "role": "baseline" if impl == "torchvision" else "candidate", "dtype": "uint8",
+                           "images": len(paths)}, cpu_rounds=(2, 15))
     benchmark.extra_info["images_per_s_per_core"] = round(len(paths) / benchmark.stats.stats.median, 2)
