@@ -44,7 +44,7 @@ block.
 """
 import collections
 import contextlib
-import traceback
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -100,6 +100,7 @@ class OpCounts:
     ops: int = 0
     op_counts: collections.Counter = field(default_factory=collections.Counter)
     events: List[SyncEvent] = field(default_factory=list)
+    op_sites: collections.Counter = field(default_factory=collections.Counter)  # with count_ops(op_sites=True)
 
     @property
     def syncs(self) -> int:
@@ -118,24 +119,33 @@ class OpCounts:
         """The n most frequent (kind @ caller) sync sites as (description, count)."""
         return collections.Counter(f"{e.kind} ({e.op}) @ {e.where}" for e in self.events).most_common(n)
 
+    def top_op_sites(self, n: int = 20) -> List[Tuple[str, int]]:
+        """The n callers that dispatched the most ops, as ("file:line (function)", count); needs
+        ``count_ops(op_sites=True)``. For finding what to fuse."""
+        return self.op_sites.most_common(n)
+
     def report(self, n: int = 15) -> str:
         """A human-readable summary: totals, sync breakdown and sites, top ops."""
         lines = [f"ops={self.ops} syncs={self.syncs} breakdown={self.sync_breakdown}", "sync sites:"]
         lines += [f"  {c:5d}  {s}" for s, c in self.sync_sites(n)]
         lines.append("top ops:")
         lines += [f"  {c:5d}  {name}" for name, c in self.top_ops(n)]
+        if self.op_sites:
+            lines.append("top op sites:")
+            lines += [f"  {c:5d}  {site}" for site, c in self.top_op_sites(n)]
         return "\n".join(lines)
 
 
 def _caller() -> str:
     """The innermost stack frame that is not torch's or this file's, as "file:line (function)"."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        name = frame.filename.replace("\\", "/")
-        if "/torch/" in name or name.endswith("diagnostics/op_counter.py") or "/contextlib.py" in name:
-            continue
-        parts = name.split("/")
-        short = "/".join(parts[-3:]) if len(parts) >= 3 else name
-        return f"{short}:{frame.lineno} ({frame.name})"
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if not ("/torch/" in name or name.endswith("diagnostics/op_counter.py") or "/contextlib.py" in name):
+            parts = name.split("/")
+            short = "/".join(parts[-3:]) if len(parts) >= 3 else name
+            return f"{short}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
     return "?"
 
 
@@ -188,6 +198,8 @@ class _DispatchCounter(TorchDispatchMode):
         name = func._schema.name
         self.counts.ops += 1
         self.counts.op_counts[name.split("::")[-1] if name.startswith("aten::") else name] += 1
+        if self.state.op_sites:
+            self.counts.op_sites[_caller()] += 1
         kind = _op_sync_kind(name, func, args, kwargs, self.state.data_dependent)
         warned_before = len(self.state.warnings) if self.state.warnings is not None else 0
         out = func(*args, **kwargs)
@@ -222,8 +234,9 @@ class _FunctionCounter(TorchFunctionMode):
 
 
 class _State:
-    def __init__(self, counts: OpCounts, data_dependent):
+    def __init__(self, counts: OpCounts, data_dependent, op_sites: bool = False):
         self.counts = counts
+        self.op_sites = op_sites
         self.data_dependent = data_dependent
         self.reading: Optional[str] = None  # inside a Python-level host read: its op syncs are its own
         self.warnings: Optional[list] = None
@@ -235,7 +248,7 @@ class _State:
 
 
 @contextlib.contextmanager
-def count_ops(*, data_dependent_ops: Iterable[str] = (), cuda_sync_debug: bool = True):
+def count_ops(*, data_dependent_ops: Iterable[str] = (), cuda_sync_debug: bool = True, op_sites: bool = False):
     """Count the dispatched ops and sync points of the block (see the module docstring).
 
     Args:
@@ -243,12 +256,13 @@ def count_ops(*, data_dependent_ops: Iterable[str] = (), cuda_sync_debug: bool =
             data-dependent; added to ``DATA_DEPENDENT_OPS``.
         cuda_sync_debug: on a machine with CUDA, also run ``torch.cuda.set_sync_debug_mode("warn")``
             and count ops during which CUDA reports a synchronising call.
+        op_sites: also record the caller of every op (``OpCounts.top_op_sites``; slower).
 
     Yields:
         OpCounts, filled in as the block runs (read it after the block).
     """
     counts = OpCounts()
-    state = _State(counts, frozenset(DATA_DEPENDENT_OPS) | frozenset(data_dependent_ops))
+    state = _State(counts, frozenset(DATA_DEPENDENT_OPS) | frozenset(data_dependent_ops), op_sites)
     use_cuda_debug = cuda_sync_debug and torch.cuda.is_available()
     with contextlib.ExitStack() as stack:
         if use_cuda_debug:

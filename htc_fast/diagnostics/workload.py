@@ -45,20 +45,21 @@ def synthetic_batch(images: int = 2, height: int = 256, width: int = 384, object
 
 
 def count_train_step(model, batch: ImageBatch, targets: Targets, *, sampler: str = "random",
-                     generator: Optional[torch.Generator] = None) -> OpCounts:
-    """Counts of one training iteration: forward, total loss, backward (no optimizer step)."""
+                     generator: Optional[torch.Generator] = None, **count_kwargs) -> OpCounts:
+    """Counts of one training iteration: forward, total loss, backward (no optimizer step).
+    count_kwargs go to ``count_ops``."""
     model.train()
-    with count_ops() as counts:
+    with count_ops(**count_kwargs) as counts:
         loss = model(batch, targets, sampler=sampler, generator=generator).total()
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counts
 
 
-def count_predict(model, batch: ImageBatch, masks: Optional[str] = "bitmap") -> OpCounts:
+def count_predict(model, batch: ImageBatch, masks: Optional[str] = "bitmap", **count_kwargs) -> OpCounts:
     """Counts of one ``model.predict`` batch (results left on the model's device)."""
     model.eval()
-    with count_ops() as counts:
+    with count_ops(**count_kwargs) as counts:
         model.predict(batch, masks=masks)
     return counts
 
@@ -72,15 +73,17 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=2, default=(256, 384), metavar=("H", "W"))
     parser.add_argument("--sites", type=int, default=0, help="also print this many sync sites and top ops")
+    parser.add_argument("--op-sites", action="store_true", help="also record and print the callers of the ops")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     cfg = get_config(args.preset).model
     model = build_htc(cfg)
     batch, targets = synthetic_batch(args.images, *args.size, num_classes=cfg.num_classes,
                                      stuff_classes=cfg.semantic.num_classes)
+    extra = dict(op_sites=args.op_sites)
     for name, counts in (("train fwd+bwd", count_train_step(model, batch, targets,
-                                                           generator=torch.Generator().manual_seed(0))),
-                         ("predict", count_predict(model, batch))):
+                                                           generator=torch.Generator().manual_seed(0), **extra)),
+                         ("predict", count_predict(model, batch, **extra))):
         print(f"{name}: ops={counts.ops} syncs={counts.syncs} {counts.sync_breakdown}")
         if args.sites:
             print(counts.report(args.sites))

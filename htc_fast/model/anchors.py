@@ -8,6 +8,7 @@ anchors to ground truth (``matching.py``) or the box encoding (``box_coder.py``)
 
 Boxes are (N, 4) xyxy float32 pixels of the network input (resized, padded image).
 """
+import collections
 import math
 from typing import List, Sequence, Tuple
 
@@ -92,6 +93,24 @@ class AnchorGenerator:
             One (H_l * W_l * A, 4) xyxy tensor per level, row ``(y * W_l + x) * A + a``.
         """
         self._check_sizes(featmap_sizes, "grid_anchors")
+        key = ("grid", tuple((int(h), int(w)) for h, w in featmap_sizes), str(device), dtype)
+        return self._cached(key, lambda: self._grid_anchors(featmap_sizes, device, dtype))
+
+    def _cached(self, key, make) -> List[Tensor]:
+        """Anchors and flags depend only on sizes and device: build them once per key, so a step
+        dispatches no ops for them (a small LRU; callers never modify the tensors in place)."""
+        cache = self.__dict__.setdefault("_cache", collections.OrderedDict())
+        key = key + (torch.is_inference_mode_enabled(),)
+        if key in cache:
+            cache.move_to_end(key)
+            return list(cache[key])
+        value = make()
+        cache[key] = value
+        if len(cache) > 32:  # multi-scale training sees many sizes
+            cache.popitem(last=False)
+        return list(value)
+
+    def _grid_anchors(self, featmap_sizes, device, dtype) -> List[Tensor]:
         out = []
         for level, (h, w) in enumerate(featmap_sizes):
             stride = self.strides[level]
@@ -102,6 +121,21 @@ class AnchorGenerator:
             shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 4)
             out.append((base[None, :, :] + shifts[:, None, :]).reshape(-1, 4))
         return out
+
+    def all_anchors(self, featmap_sizes: Sequence[Tuple[int, int]], device=None) -> Tensor:
+        """``cat(grid_anchors(featmap_sizes, device))``, cached."""
+        key = ("all", tuple((int(h), int(w)) for h, w in featmap_sizes), str(device))
+        return self._cached(key, lambda: [torch.cat(self.grid_anchors(featmap_sizes, device))])[0]
+
+    def inside_flags(self, featmap_sizes: Sequence[Tuple[int, int]], pad_shape: Tuple[int, int],
+                     image_size: Tuple[int, int], allowed_border: float = 0, device=None) -> Tensor:
+        """``anchor_inside_flags(all_anchors, cat(valid_flags), image_size, allowed_border)``, cached:
+        the candidate anchors of one image for the RPN targets."""
+        key = ("inside", tuple((int(h), int(w)) for h, w in featmap_sizes), tuple(map(int, pad_shape)),
+               tuple(map(int, image_size)), float(allowed_border), str(device))
+        return self._cached(key, lambda: [anchor_inside_flags(
+            self.all_anchors(featmap_sizes, device), torch.cat(self.valid_flags(featmap_sizes, pad_shape, device)),
+            image_size, allowed_border)])[0]
 
     def valid_flags(self, featmap_sizes: Sequence[Tuple[int, int]], pad_shape: Tuple[int, int],
                     device=None) -> List[Tensor]:
@@ -120,6 +154,10 @@ class AnchorGenerator:
         """
         self._check_sizes(featmap_sizes, "valid_flags")
         pad_h, pad_w = int(pad_shape[0]), int(pad_shape[1])
+        key = ("valid", tuple((int(h), int(w)) for h, w in featmap_sizes), (pad_h, pad_w), str(device))
+        return self._cached(key, lambda: self._valid_flags(featmap_sizes, pad_h, pad_w, device))
+
+    def _valid_flags(self, featmap_sizes, pad_h, pad_w, device) -> List[Tensor]:
         out = []
         for level, (h, w) in enumerate(featmap_sizes):
             stride = self.strides[level]

@@ -37,10 +37,15 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.batch_norm with training=False is the exact kernel nn.BatchNorm2d uses in eval mode,
-        # so features match mmdetection's bit for bit on the same device.
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
+        # The inference batch norm kernel F.batch_norm(training=False) runs on CPU, called as the
+        # one aten op it decomposes to (F.batch_norm dispatches an extra empty() for its unused
+        # reserve): bit-identical on CPU. On CUDA F.batch_norm would pick cuDNN; under
+        # torch.compile both lower to the same arithmetic.
+        if x.is_cuda or torch.compiler.is_compiling():
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, momentum=0.0, eps=self.eps)
+        return torch.ops.aten._native_batch_norm_legit_no_training(
+            x, self.weight, self.bias, self.running_mean, self.running_var, 0.0, self.eps)[0]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -42,17 +42,18 @@ def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", eps: float 
             raise ValueError(f"bbox_overlaps: {name} must be (N, 4), got {tuple(b.shape)}")
     if boxes1.shape[0] == 0 or boxes2.shape[0] == 0:
         return boxes1.new_zeros((boxes1.shape[0], boxes2.shape[0]))
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
+    # w * h as a product over the last dim: the same single rounding, in fewer ops.
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(dim=-1)
+    b1 = boxes1[:, None]
+    lt = torch.max(b1[..., :2], boxes2[:, :2])
+    rb = torch.min(b1[..., 2:], boxes2[:, 2:])
+    overlap = (rb - lt).clamp(min=0).prod(dim=-1)
     if mode == "iou":
-        area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-        union = area1[:, None] + area2[None, :] - overlap
+        area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(dim=-1)
+        union = area1[:, None] + area2 - overlap
     else:
         union = area1[:, None].expand_as(overlap)
-    return overlap / torch.max(union, union.new_tensor([eps]))
+    return overlap / union.clamp(min=eps)
 
 
 class AssignResult(NamedTuple):

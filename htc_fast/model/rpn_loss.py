@@ -17,7 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from htc_fast.model.anchors import AnchorGenerator, anchor_inside_flags
+from htc_fast.model.anchors import AnchorGenerator
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
 from htc_fast.model.losses import sigmoid_bce_loss, smooth_l1_loss
 from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult
@@ -88,12 +88,12 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple
     if gt_boxes_ignore is not None and len(gt_boxes_ignore) != n:
         raise ValueError(f"rpn_targets: gt_boxes_ignore has {len(gt_boxes_ignore)} entries for {n} images")
     device = device if device is not None else (gt_boxes[0].device if n else None)
-    anchors = torch.cat(anchor_generator.grid_anchors(featmap_sizes, device=device))
+    anchors = anchor_generator.all_anchors(featmap_sizes, device=device)
     objectness, objectness_weights, deltas, delta_weights, sampling, inside_all = [], [], [], [], [], []
     for i in range(n):
         gt = gt_boxes[i].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4)
-        valid = torch.cat(anchor_generator.valid_flags(featmap_sizes, pad_shapes[i], device=anchors.device))
-        inside = anchor_inside_flags(anchors, valid, image_sizes[i], allowed_border)
+        inside = anchor_generator.inside_flags(featmap_sizes, pad_shapes[i], image_sizes[i], allowed_border,
+                                               device=device)
         if _debug.enabled() and not bool(inside.any()):
             raise ValueError(f"rpn_targets: image {i} of size {tuple(image_sizes[i])} has no anchor inside "
                              f"it with allowed_border={allowed_border}; use a negative allowed_border")

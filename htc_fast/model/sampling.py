@@ -168,13 +168,13 @@ class RandomSampler:
         gt_inds = assign_result.gt_inds
         n = gt_inds.shape[0]
         u = self._keys(n, device, generator)
-        pos, neg = gt_inds > 0, gt_inds == 0
-        cls = torch.where(neg, _NEG, _UNUSED).to(torch.float64)
+        pos = gt_inds > 0
+        cls = _UNUSED - (gt_inds == 0).to(torch.float64)  # negatives 1, the rest 2 for now
         k_pos = min(self.max_pos, n)
         if k_pos > 0:
             # The k_pos positives with the smallest keys (fewer when the pool is smaller).
-            pos_key, chosen = torch.where(pos, u, 2.0).topk(k_pos, largest=False)
-            cls = cls.scatter_reduce(0, chosen, torch.where(pos_key < 1.0, _POS, _UNUSED).to(cls.dtype), "amin")
+            pos_key, chosen = u.masked_fill(~pos, 2.0).topk(k_pos, largest=False)
+            cls = cls.scatter_reduce(0, chosen, (pos_key >= 1.0).to(cls.dtype) * _UNUSED, "amin")
         slots = min(self.num, n)
         key, order = (cls + u).topk(slots, largest=False)  # positives, then negatives, by key
         slot_cls = key.floor()
@@ -184,8 +184,9 @@ class RandomSampler:
             cap = (num_pos.clamp(min=1).double() * self.neg_pos_ub).floor().long()
             rank = torch.arange(slots, device=device) - num_pos  # a negative's rank among negatives
             is_neg = is_neg & (rank < cap)
+            slot_cls = slot_cls.masked_fill(~(is_pos | is_neg), _UNUSED)
         # mmdet's layout: positives then negatives, each in ascending candidate index.
-        layout = torch.where(is_pos, 0, torch.where(is_neg, 1, 2)) * (n + 1) + order
+        layout = slot_cls.long() * (n + 1) + order
         layout, perm = layout.sort()
         inds, is_pos, is_neg = order[perm], is_pos[perm], is_neg[perm]
         return self._result(assign_result, boxes, is_gt, gt_boxes, inds, is_pos, is_neg, num_pos)
@@ -193,12 +194,12 @@ class RandomSampler:
     @staticmethod
     def _result(assign_result, boxes, is_gt, gt_boxes, inds, is_pos, is_neg, num_pos) -> SamplingResult:
         gt_inds = assign_result.gt_inds[inds]
-        matched = torch.where(is_pos, gt_inds - 1, 0)
+        matched = (gt_inds - 1).clamp(min=0)  # non-positives (gt_inds 0 or -1) point at ground truth 0
         if len(gt_boxes) > 0:
             slot_gt_boxes = gt_boxes.to(boxes.dtype)[matched] * is_pos[:, None]
         else:
             slot_gt_boxes = boxes.new_zeros(len(inds), 4)
-        labels = torch.where(is_pos, assign_result.labels[inds], -1)
+        labels = assign_result.labels[inds].masked_fill(~is_pos, -1)
         return SamplingResult(inds=inds, is_pos=is_pos, is_neg=is_neg, boxes=boxes[inds], is_gt=is_gt[inds],
                               gt_inds=matched, gt_boxes=slot_gt_boxes, labels=labels, num_pos=num_pos,
                               num_neg=is_neg.sum(), num_gts=assign_result.num_gts)
