@@ -121,20 +121,16 @@ def padded_size(shapes: Sequence[Tuple[int, int]], size_divisor: int) -> Tuple[i
 
 
 def batch_images(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: int = 32) -> ImageBatch:
-    """Normalise each uint8 image and zero-pad all to a common multiple of `size_divisor`."""
+    """Normalise each uint8 image and zero-pad all to a common multiple of `size_divisor` (on the
+    images' device; `EncodedImage`s are decoded first, on theirs)."""
     if len(samples) == 0:
         raise ValueError("cannot collate an empty list of samples")
     shapes = [s.image_shape for s in samples]
-    ph, pw = padded_size(shapes, size_divisor)
-    images = torch.zeros(len(samples), 3, ph, pw)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    for k, s in enumerate(samples):
-        h, w = s.image_shape
-        region = images[k, :, :h, :w]  # in place: no float temporaries of the image
-        region.copy_(s.image).sub_(m).div_(sd)
-    return ImageBatch(images, shapes, [tuple(s.scale_factor) for s in samples],
-                      [tuple(s.original_shape) for s in samples])
+    images = [s.image for s in samples]
+    if isinstance(images[0], EncodedImage):
+        images = decode_batch(images)
+    return ImageBatch(normalize_into_batch(images, padded_size(shapes, size_divisor), mean, std), shapes,
+                      [tuple(s.scale_factor) for s in samples], [tuple(s.original_shape) for s in samples])
 
 
 def collate_train(samples: Sequence[Sample], mean=MEAN, std=STD, size_divisor: int = 32) -> TrainBatch:
