@@ -54,6 +54,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     geometry = torch.float64 if input.dtype == torch.float64 else torch.float32
     offset = offset.to(geometry)
     mask = None if mask is None else mask.to(geometry)
+    bias = None if bias is None else bias.contiguous()  # (Co,): the Triton kernel reads it densely
     chosen = _backend.resolve("deform_conv2d", input.device.type, backend)
     args = (*stride, *padding, *dilation, groups, offset_groups)
     if chosen == "reference":

@@ -32,10 +32,14 @@ from torch import Tensor
 
 from htc_fast import _extension
 from htc_fast.ops import _backend, _checks, _debug
-from htc_fast.ops._errors import OpArgumentError
+from htc_fast.ops._errors import OpArgumentError, OpTypeError
 from htc_fast.ops.reference import nms as _ref
 
-__all__ = ["nms", "batched_nms", "PaddedKeep"]
+__all__ = ["nms", "batched_nms", "PaddedKeep", "MAX_OUTPUT"]
+
+# The largest fixed capacity (128 MB of int64 indices): past any detector's needs, and small enough
+# that a mistaken value is refused by name rather than by the allocator.
+MAX_OUTPUT = 1 << 24
 
 
 class PaddedKeep(NamedTuple):
@@ -53,7 +57,7 @@ def nms(boxes, scores, iou_threshold, *, max_output=None, backend=None):
         scores: (N,) float scores.
         iou_threshold: a box is dropped when its IoU with a kept, higher-scored box is > this
             (a number, not NaN).
-        max_output: None (the default): return every kept index. An int K >= 1: return
+        max_output: None (the default): return every kept index. An int K in [1, 2**24]: return
             ``PaddedKeep`` of static shape (K,), no host synchronisation.
         backend: "reference", "cpp" or "triton"; None uses ``use_backend`` / the default table.
 
@@ -65,7 +69,7 @@ def nms(boxes, scores, iou_threshold, *, max_output=None, backend=None):
     threshold = _checks.real("nms", "iou_threshold", iou_threshold)
     chosen = _backend.resolve("nms", boxes.device.type, backend)
     if max_output is not None:
-        capacity = _checks.integer("nms", "max_output", max_output, minimum=1)
+        capacity = _checks.integer("nms", "max_output", max_output, minimum=1, maximum=MAX_OUTPUT)
         idxs = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
         return _padded(chosen, boxes, scores, idxs, threshold, capacity, max(boxes.shape[0], 1))
     if chosen == "reference":
@@ -98,11 +102,14 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, max_output=None, max_grou
     """
     if _empty_1d(boxes) and _empty_1d(scores) and _empty_1d(idxs):  # torchvision returns early
         boxes, scores, idxs = boxes.reshape(0, 4), scores.reshape(0), idxs.reshape(0).long()
+    if not isinstance(idxs, Tensor):  # (None would mean plain nms to _check)
+        raise OpTypeError(f"batched_nms: idxs must be a Tensor of shape (N,), got {_checks.describe(idxs)}")
     _check("batched_nms", boxes, scores, idxs)
     threshold = _checks.real("batched_nms", "iou_threshold", iou_threshold)
     chosen = _backend.resolve("batched_nms", boxes.device.type, backend)
     if max_output is not None:
-        capacity = _checks.integer("batched_nms", "max_output", max_output, minimum=1)
+        capacity = _checks.integer("batched_nms", "max_output", max_output, minimum=1,
+                                   maximum=MAX_OUTPUT)
         group_size = max(boxes.shape[0], 1) if max_group_size is None else \
             _checks.integer("batched_nms", "max_group_size", max_group_size, minimum=1)
         if _debug.enabled():

@@ -21,7 +21,8 @@ from htc_fast.ops import _backend, _checks, _debug
 from htc_fast.ops._errors import OpArgumentError, OpTypeError, RoiBoxesError, RoiBoxesTypeError
 from htc_fast.ops.reference import roi_align as _ref
 
-__all__ = ["roi_align", "multilevel_roi_align", "map_roi_levels", "MAX_LEVELS", "MAX_SAMPLING_RATIO"]
+__all__ = ["roi_align", "multilevel_roi_align", "map_roi_levels", "MAX_LEVELS", "MAX_SAMPLING_RATIO",
+           "MAX_OUTPUT_SIZE"]
 
 # FPN levels one call accepts, on every backend (the Triton kernel takes one argument group per
 # level and has 5; the C++ kernels 8): HTC uses 4 (P2-P5), RetinaNet-style heads 5.
@@ -29,6 +30,9 @@ MAX_LEVELS = 5
 # Samples per bin side. 64 (4096 samples per bin) is far past any use (mmdetection: 0 or 2); the
 # bound refuses values that would run for minutes and then fail to allocate.
 MAX_SAMPLING_RATIO = 64
+# Output bins per side: RoI heads use 7 to 28; the bound turns an absurd size into an error that
+# names output_size instead of an overflow or a failed allocation.
+MAX_OUTPUT_SIZE = 4096
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
@@ -39,7 +43,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
         input: (N, C, H, W) float32/float64/float16/bfloat16 features, contiguous or channels-last.
         boxes: (K, 5) float rois ``[batch_index, x1, y1, x2, y2]`` in input-image pixels, or a list
             of N tensors (L_i, 4) of xyxy boxes, one per image.
-        output_size: int or (out_h, out_w), positive ints.
+        output_size: int or (out_h, out_w), ints in [1, 4096] (``MAX_OUTPUT_SIZE``).
         spatial_scale: features-per-pixel, 1/stride: a positive, finite number.
         sampling_ratio: samples per bin side, an int <= 64 (``MAX_SAMPLING_RATIO``); <= 0 means
             ``ceil(roi_size / output_size)`` per RoI.
@@ -53,7 +57,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
         Malformed boxes raise ``RoiBoxesError`` (also an AssertionError, as torchvision's).
     """
     where = "roi_align"
-    out_h, out_w = _checks.pair(where, "output_size", output_size, minimum=1)
+    out_h, out_w = _output_size(where, output_size)
     _check_features(where, input, "input")
     rois = _as_rois(where, boxes, input)
     spatial_scale = _checks.real(where, "spatial_scale", spatial_scale, positive=True, finite=True)
@@ -87,7 +91,7 @@ def multilevel_roi_align(features, rois, output_size, *, strides=(4, 8, 16, 32),
         (K, C, out_h, out_w) in the features' dtype, rows in the order of ``rois``.
     """
     where = "multilevel_roi_align"
-    out_h, out_w = _checks.pair(where, "output_size", output_size, minimum=1)
+    out_h, out_w = _output_size(where, output_size)
     if not isinstance(features, (list, tuple)):
         raise OpTypeError(f"{where}: features must be a list of L tensors (N, C, H_l, W_l), got "
                           f"{_checks.describe(features)}")
@@ -121,11 +125,26 @@ def multilevel_roi_align(features, rois, output_size, *, strides=(4, 8, 16, 32),
 
 
 def map_roi_levels(rois, num_levels, finest_scale=56):
-    """The FPN level of each RoI, as mmdetection maps it. (K, 5) float -> (K,) int64."""
+    """The FPN level of each RoI, as mmdetection maps it. (K, 5) float -> (K,) int64 in
+    [0, num_levels) (-1 for a RoI of NaN size)."""
+    where = "map_roi_levels"
+    _checks.tensor(where, "rois", rois, dim=2, floating=True)
+    if rois.shape[1] != 5:
+        raise RoiBoxesError(f"{where}: rois must have shape (K, 5), got {tuple(rois.shape)}")
+    num_levels = _checks.integer(where, "num_levels", num_levels, minimum=1)
+    finest_scale = _checks.real(where, "finest_scale", finest_scale, positive=True, finite=True)
     return _ref.map_roi_levels(rois, num_levels, finest_scale)
 
 
 # ----------------------------------------------------------------------------- argument checks
+
+def _output_size(where, output_size):
+    out_h, out_w = _checks.pair(where, "output_size", output_size, minimum=1)
+    if max(out_h, out_w) > MAX_OUTPUT_SIZE:
+        raise OpArgumentError(f"{where}: output_size must be at most {MAX_OUTPUT_SIZE} per side, got "
+                              f"({out_h}, {out_w})")
+    return out_h, out_w
+
 
 def _check_features(where, x, name):
     _checks.tensor(where, name, x, dim=4, floating=True)

@@ -122,12 +122,13 @@ def test_group_larger_than_max_group_size_is_reported_in_debug_mode():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(max_output=0), ops.OpArgumentError, "max_output must be an int >= 1, got 0"),
+    (dict(max_output=0), ops.OpArgumentError, "max_output must be an int >= 1 and <= 16777216, got 0"),
     (dict(max_output=-3), ops.OpArgumentError, "max_output must be an int >= 1"),
+    (dict(max_output=2 ** 40), ops.OpArgumentError, "max_output must be an int >= 1 and <= 16777216, got 1099511627776"),
+    (dict(max_output=4, max_group_size=0), ops.OpArgumentError, "max_group_size must be an int >= 1"),
     (dict(max_output=2.5), ops.OpTypeError, "max_output must be an int, got float 2.5"),
     (dict(max_output=True), ops.OpTypeError, "max_output must be an int, got bool"),
     (dict(max_output=torch.tensor(3)), ops.OpTypeError, "max_output must be an int, got a torch.int64 tensor"),
-    (dict(max_output=4, max_group_size=0), ops.OpArgumentError, "max_group_size must be an int >= 1"),
     (dict(max_output=4, max_group_size="8"), ops.OpTypeError, "max_group_size must be an int, got str"),
     (dict(max_group_size=8), ops.OpArgumentError, "max_group_size is used only with max_output"),
 ])
