@@ -49,15 +49,16 @@ class BadSampleError(RuntimeError):
 class Sample:
     """One image and its ground truth. Before transforms everything is at the original size.
 
-    image: (3, h, w) uint8 RGB; boxes: (G, 4) float32 xyxy; labels: (G,) int64;
-    masks: (G, h, w) bool or None (test mode); ignore_boxes: (K, 4) float32 crowd boxes;
+    image: (3, h, w) uint8 RGB (or, with `data_device`, an `EncodedImage` to decode later);
+    boxes: (G, 4) float32 xyxy; labels: (G,) int64; masks: (G, h, w) bool, `MaskCrops` (the fast
+    path: dense where the batch is used), or None (test mode); ignore_boxes: (K, 4) float32 crowd boxes;
     semantic: (ceil(h / s), ceil(w / s)) uint8 (255 = ignore) or None, the image's map sampled
     every s = `semantic_stride` pixels (rows and columns 0, s, 2s, ...; s = 1: the full map);
     scale_factor: (w_scale, h_scale) from the original image; flipped: horizontally flipped."""
-    image: Tensor
+    image: object  # Tensor or EncodedImage
     boxes: Tensor
     labels: Tensor
-    masks: Optional[Tensor]
+    masks: object  # Tensor, MaskCrops or None
     ignore_boxes: Tensor
     semantic: Optional[Tensor]
     image_id: int
