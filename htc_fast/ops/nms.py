@@ -125,15 +125,11 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, max_output=None, max_grou
 
 
 def _padded(chosen, boxes, scores, idxs, threshold, max_output, max_group_size):
-    if chosen == "cpp" and hasattr(torch.ops.htc_fast, "batched_nms_padded"):
-        keep, num_kept = torch.ops.htc_fast.batched_nms_padded(boxes, scores, idxs, threshold,
-                                                               max_output, max_group_size)
-    elif chosen == "triton" and hasattr(_triton(), "batched_nms_padded_triton"):
-        keep, num_kept = _triton().batched_nms_padded_triton(boxes, scores, idxs, threshold,
-                                                             max_output, max_group_size)
-    else:  # the reference; TEMPORARY for cpp/triton until their padded kernels land
-        keep, num_kept = _ref.batched_nms_padded(boxes, scores, idxs, threshold, max_output,
-                                                  max_group_size)
+    if chosen == "reference":
+        keep, num_kept = _ref.batched_nms_padded(boxes, scores, idxs, threshold, max_output, max_group_size)
+    else:
+        op = torch.ops.htc_fast.batched_nms_padded if chosen == "cpp" else _triton().batched_nms_padded_triton
+        keep, num_kept = op(boxes, scores, idxs, threshold, max_output, max_group_size)
     return PaddedKeep(keep, num_kept)
 
 
@@ -191,5 +187,4 @@ def _fake_batched_nms_padded(boxes, scores, idxs, iou_threshold, max_output, max
 if _extension.loaded:
     torch.library.register_fake("htc_fast::nms", _fake_nms)
     torch.library.register_fake("htc_fast::batched_nms", _fake_batched_nms)
-    if hasattr(torch.ops.htc_fast, "batched_nms_padded"):  # TEMPORARY until csrc/htc_fast.cpp has it
-        torch.library.register_fake("htc_fast::batched_nms_padded", _fake_batched_nms_padded)
+    torch.library.register_fake("htc_fast::batched_nms_padded", _fake_batched_nms_padded)

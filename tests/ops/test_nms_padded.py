@@ -16,20 +16,8 @@ from htc_fast import ops
 from htc_fast.diagnostics import count_ops
 
 
-def has_padded_kernel(backend):
-    """TEMPORARY while the C++ / Triton padded kernels land: ops.batched_nms falls back to the
-    reference (one tensor step per box), so the fast backends get the reference's sizes."""
-    if backend == "cpp":
-        return hasattr(torch.ops.htc_fast, "batched_nms_padded")
-    if backend == "triton":
-        from htc_fast.kernels import nms as triton_nms
-
-        return hasattr(triton_nms, "batched_nms_padded_triton")
-    return False
-
-
 def size_for(backend):
-    return {"reference": 200, "cpp": 2000 if has_padded_kernel("cpp") else 200, "triton": 40}[backend]
+    return {"reference": 200, "cpp": 2000, "triton": 40}[backend]
 
 
 def expected_padded(keep, capacity):
@@ -147,7 +135,7 @@ def test_compile_static_shape(fast_backend, device):
         keep, num = ops.batched_nms(boxes, scores, idxs, 0.5, max_output=16, backend=fast_backend)
         return keep, num, boxes[keep.clamp(min=0)]
 
-    n = 24 if has_padded_kernel(fast_backend) else 6  # the reference fallback unrolls a step per box
+    n = 24
     boxes, obj = detections(n)
     args = boxes.to(device), torch.rand(n, device=device), (obj % 3).to(device)
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -158,8 +146,6 @@ def test_compile_static_shape(fast_backend, device):
 
 def test_opcheck_padded_operator(device):
     require_backend("cpp", device.type)
-    if not hasattr(torch.ops.htc_fast, "batched_nms_padded"):
-        pytest.skip("htc_fast._C has no batched_nms_padded yet")  # TEMPORARY: the C++ op is being added
     boxes, obj = detections(24)
     args = (boxes.to(device), torch.rand(24, device=device), (obj % 3).to(device), 0.5, 10, 24)
     torch.library.opcheck(torch.ops.htc_fast.batched_nms_padded.default, args)
@@ -171,7 +157,7 @@ def test_opcheck_padded_operator(device):
 @pytest.mark.parametrize("max_per_image", [100, 7, 0])
 def test_multiclass_padded_equals_unpadded(backend, device, layout, max_per_image):
     n, num_classes = problem(backend)
-    if not has_padded_kernel(backend):
+    if backend == "reference":
         n, num_classes = 60, 5  # the padded reference steps once per (row, class) pair
     boxes, obj = detections(n)
     if layout == "per_class":
