@@ -60,11 +60,20 @@ def test_batched_nms_padded_is_the_result_cut_and_padded(backend, device, groups
         assert_padded(got, keep, capacity, device)
 
 
-def test_groups_beyond_max_group_size_keep_their_best_boxes(backend, device):
+def test_groups_beyond_max_group_size_keep_their_best_boxes(backend, device, request):
     """A group larger than max_group_size takes part with its max_group_size best-scored boxes
     (ties by index): the result is batched_nms of those boxes (same on every backend)."""
-    n, cap = size_for(backend), 5
-    boxes, obj = detections(n)
+    if backend == "triton":  # strict: an XPASS fails, so the mark goes once the kernel is fixed
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "kernels/nms.py batched_nms_padded_triton keeps boxes ranked >= max_group_size in their "
+            "group (up to the 64-column word boundary) instead of dropping them")))
+    n, cap = size_for(backend), 3
+    # Half clustered (suppression within the cap), half disjoint far away (every one would be kept:
+    # so each group surely has kept boxes beyond its cap).
+    clustered = detections(n - n // 2)[0]
+    grid = torch.arange(n // 2, dtype=torch.float32) * 20
+    disjoint = torch.stack([grid, grid, grid + 10, grid + 10], 1) + 10000
+    boxes = torch.cat([clustered, disjoint])
     scores, idxs = torch.rand(n), torch.randint(0, 4, (n,))
     scores[::7] = 0.5  # ties
     by_score = torch.sort(scores, descending=True, stable=True).indices
