@@ -188,3 +188,27 @@ def test_mask_crops_dense_and_grid():
     assert m.shape == (4, h, w) and torch.equal(m.dense(), dense)
     for step in (1, 3, 8):
         assert np.array_equal(m.sample_grid(step), dense[:, ::step, ::step].numpy())
+
+
+def test_polygons_outside_the_image_and_no_instances():
+    """Windows are clipped to the image: a polygon partly outside keeps its inside pixels (as
+    pycocotools on the whole image), one entirely outside gives an empty mask; no instances give
+    (0, H, W)."""
+    from pycocotools import mask as mask_utils
+
+    from htc_fast.data.raster import polygon_crops
+
+    h, w = random.randint(20, 60), random.randint(20, 60)
+    partly = [[-10.0, -5.0, w * 0.7, 3.0, w + 9.0, h + 4.0, 2.0, h * 0.8]]
+    outside = [[w + 5.0, 1.0, w + 20.0, 1.0, w + 12.0, 9.0]]
+    flip = random.random() < 0.5
+    crops = polygon_crops([partly, outside], (1.0, 1.0), (h, w), flip)
+    dense = crops.dense()
+    xy = np.asarray(partly[0]).reshape(-1, 2)
+    if flip:
+        xy[:, 0] = w - xy[:, 0]
+    ref = mask_utils.decode([mask_utils.merge(mask_utils.frPyObjects([xy.ravel()], h, w))])[:, :, 0] != 0
+    assert np.array_equal(dense[0].numpy(), ref) and ref.any()
+    assert not dense[1].any() and crops.sample_grid(8).shape == (2, -(-h // 8), -(-w // 8))
+    empty = polygon_crops([], (2.0, 2.0), (h, w))
+    assert empty.dense().shape == (0, h, w) and empty.sample_grid(8).shape == (0, -(-h // 8), -(-w // 8))
