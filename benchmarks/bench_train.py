@@ -6,7 +6,9 @@ with 5 ground-truth objects each (boxes, masks at the image size, a semantic map
 sampler: what one GPU processes per iteration in the 1x schedule. Timed: forward, loss, backward
 and the SGD step. The group's baseline is the reference ops. CPU: fp32, 1 round (about a minute per
 call on 2 cores); CUDA: fp32 and bf16 autocast, 5 rounds after 2 warm-up rounds, synchronised.
-``extra_info`` records images/s and, on CUDA, the peak memory.
+``extra_info`` records images/s, the dispatched ops and host syncs of one iteration (forward,
+backward and SGD step; ``htc_fast.diagnostics.count_ops``, counted in an extra untimed iteration)
+and, on CUDA, the peak memory.
 """
 import contextlib
 
@@ -16,6 +18,7 @@ import torch
 from benchmarks.bench_model import model_cases
 from benchmarks.conftest import device_name
 from htc_fast.config import get_config
+from htc_fast.diagnostics import count_ops
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import ImageBatch, Targets
 from htc_fast.ops import use_backend
@@ -74,5 +77,8 @@ def test_htc_train_iteration(benchmark, device, dtype, impl, direction):
     warmup, rounds = ROUNDS[device]
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup)
     benchmark.extra_info["images_per_s"] = IMAGES / benchmark.stats.stats.median
+    with count_ops() as counts:
+        step()
+    benchmark.extra_info.update(ops=counts.ops, syncs=counts.syncs, sync_breakdown=counts.sync_breakdown)
     if device == "cuda":
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()

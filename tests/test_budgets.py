@@ -1,0 +1,71 @@
+"""Pinned op and sync budgets of the model's hot path (issue 11), counted with
+htc_fast.diagnostics.count_ops on HTC R-50, a batch of 2 images of 256x384 with 5 objects each
+(htc_fast.diagnostics.workload), CPU, default backends, debug checks off.
+
+What is pinned (a small margin over what the code reaches today; lower them when you remove ops,
+never raise them without a reason in the commit message):
+
+| | dispatched ops | sync points |
+|---|---:|---:|
+| training iteration (forward + backward, random sampler) | <= 4,100 (4,010 measured) | 0 |
+| ``model.predict`` batch (bitmap masks) | <= 740 (725 measured) | <= 1 (the detection counts) |
+
+The issue's launch targets (2,500 / 700) are pinned as strict expected failures: when the code
+reaches one, its test starts "passing" and fails as XPASS until the pin above is lowered.
+Counts are deterministic (seeded sampler, fixed inputs), so exact pins are safe; a failure prints
+the sync sites and the most frequent ops.
+"""
+import pytest
+import torch
+
+from htc_fast.config import get_config
+from htc_fast.diagnostics.workload import count_predict, count_train_step, synthetic_batch
+from htc_fast.model.htc import build_htc
+from htc_fast.ops import debug_checks
+
+TRAIN_OPS, TRAIN_SYNCS = 4100, 0
+PREDICT_OPS, PREDICT_SYNCS = 740, 1
+TARGET_TRAIN_OPS, TARGET_PREDICT_OPS = 2500, 700  # issue 11's launch budget
+
+
+@pytest.fixture(scope="module")
+def counts():
+    torch.manual_seed(0)
+    model = build_htc(get_config("htc_r50_fpn_1x"))
+    batch, targets = synthetic_batch(2, 256, 384)
+    with debug_checks(False):
+        train = count_train_step(model, batch, targets, generator=torch.Generator().manual_seed(0))
+        predict = count_predict(model, batch)
+    return train, predict
+
+
+def test_training_iteration_syncs(counts):
+    train, _ = counts
+    assert train.syncs <= TRAIN_SYNCS, train.report()
+
+
+def test_training_iteration_ops(counts):
+    train, _ = counts
+    assert train.ops <= TRAIN_OPS, train.report()
+
+
+def test_predict_syncs(counts):
+    _, predict = counts
+    assert predict.syncs <= PREDICT_SYNCS, predict.report()
+    # The one allowed sync is the read of the detection counts, nothing else.
+    assert set(predict.sync_breakdown) <= {"tolist"}, predict.report()
+
+
+def test_predict_ops(counts):
+    _, predict = counts
+    assert predict.ops <= PREDICT_OPS, predict.report()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 target not reached yet (see the module docstring)")
+def test_training_iteration_reaches_the_launch_target(counts):
+    assert counts[0].ops <= TARGET_TRAIN_OPS
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 target not reached yet (see the module docstring)")
+def test_predict_reaches_the_launch_target(counts):
+    assert counts[1].ops <= TARGET_PREDICT_OPS
