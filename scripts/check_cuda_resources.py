@@ -28,6 +28,8 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+from torch.utils import cpp_extension
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (header, functions): PTX lines attributed to these functions' bodies must hold no FMA.
@@ -153,8 +155,6 @@ def setup_py():
 
 def nvcc_command(nvcc, source, archs, keep_dir):
     """nvcc with setup.py's flags, device code only, ptxas verbose, intermediates kept."""
-    from torch.utils import cpp_extension
-
     includes = [os.path.join(ROOT, "csrc")] + setup_py().nvidia_wheel_include_dirs() + \
         cpp_extension.include_paths(device_type="cuda")
     cmd = [nvcc, "-fatbin", "-o", os.path.join(keep_dir, "out.fatbin"), source, "-DHTC_FAST_WITH_CUDA",
@@ -234,8 +234,8 @@ def main(argv=None):
             header, funcs = FMA_HELPERS
             with open(os.path.join(ROOT, header)) as f:
                 ranges = function_lines(f.read(), funcs)
-            for arch, text in sorted(ptx.items()):
-                checked, bad = fusable_ops(text, header, ranges)
+            for arch in args.arch:
+                checked, bad = fusable_ops(ptx.get(arch, ""), header, ranges)
                 print(f"FMA check sm_{arch}: {checked} arithmetic instructions in {', '.join(funcs)}, "
                       f"{len(bad)} fusable")
                 if checked == 0:
