@@ -87,6 +87,7 @@ def test_error_classes():
     assert issubclass(ops.RoiBoxesTypeError, AssertionError) and issubclass(ops.RoiBoxesTypeError, ops.OpTypeError)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fn", [ops.nms, ops.batched_nms, ops.roi_align, ops.deform_conv2d])
 def test_not_scriptable(fn):
     """Pinned: TorchScript refuses the public functions (documented in their modules; use

@@ -129,6 +129,11 @@ def test_nothing_to_keep(backend, device):
     ("boxes_list", TypeError, "boxes must be a Tensor"),
     ("boxes_int", TypeError, "boxes must be floating point"),
     ("scores_int", TypeError, "scores must be floating point"),
+    ("max_per_image_none", TypeError, "max_per_image must be an int, got NoneType None"),
+    ("max_per_image_float", TypeError, "max_per_image must be an int, got float 100.0"),
+    ("score_threshold_nan", ValueError, "score_threshold must not be NaN"),
+    ("iou_threshold_none", TypeError, "iou_threshold must be a number"),
+    ("padded_str", TypeError, "padded must be a bool"),
 ])
 def test_multiclass_argument_errors(case, error, message):
     boxes, scores = torch.rand(6, 4), torch.rand(6, 4).softmax(1)
@@ -148,8 +153,19 @@ def test_multiclass_argument_errors(case, error, message):
         boxes = (boxes * 100).long()
     elif case == "scores_int":
         scores = (scores * 100).long()
+    args, kwargs = dict(score_threshold=0.0, iou_threshold=0.5, max_per_image=100), {}
+    if case == "max_per_image_none":
+        args["max_per_image"] = None
+    elif case == "max_per_image_float":
+        args["max_per_image"] = 100.0
+    elif case == "score_threshold_nan":
+        args["score_threshold"] = float("nan")
+    elif case == "iou_threshold_none":
+        args["iou_threshold"] = None
+    elif case == "padded_str":
+        kwargs["padded"] = "yes"
     with pytest.raises(error, match=f"^multiclass_nms: {message}"):
-        ops.multiclass_nms(boxes, scores, 0.0, 0.5, 100)
+        ops.multiclass_nms(boxes, scores, *args.values(), **kwargs)
 
 
 # ----------------------------------------------------------------------------- API of nms, batched_nms
