@@ -59,8 +59,8 @@ from torch.library import triton_op, wrap_triton
 from htc_fast.kernels._device import on_device
 from htc_fast.kernels.deform_conv_backward import deform_conv2d_backward_triton
 from htc_fast.kernels.deform_conv_common import (GEOMETRY_ARGS, _INTERPRETED, _columns, _operand,
-                                                 _rows, block, gemm_config, geometry, strides,
-                                                 tile_class)
+                                                 TWO_CTAS_PER_SM, _rows, block, gemm_config,
+                                                 geometry, strides, tile_class)
 from htc_fast.ops.deform_conv import register_deform_conv_autograd
 
 __all__ = ["deform_conv2d_triton", "deform_conv2d_backward_triton"]
@@ -100,15 +100,13 @@ def _fwd_kernel(x_ptr, w_ptr, off_ptr, msk_ptr, b_ptr, out_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & comask[None, :])
 
 
-
-
 # ------------------------------------------------------------------------------------ launching
 
 # (BLOCK_P, max BLOCK_CO, BLOCK_C, num_warps, num_stages) by tile_class. MAX_REGS: checked by
 # scripts/check_triton_compile.py for sm_80 and sm_90.
 # 8 warps within 128 registers: 2 CTAs per SM (65536 / (2 * 256)); 64-row tiles needed 236.
 FWD_TILES = {"fp32": (32, 64, 16, 8, 3), "fp64": (16, 64, 16, 8, 3)}
-MAX_REGS = {"_fwd_kernel": 128}
+MAX_REGS = {"_fwd_kernel": TWO_CTAS_PER_SM}
 
 
 @triton_op("htc_fast::deform_conv2d_triton", mutates_args=())

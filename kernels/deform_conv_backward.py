@@ -23,9 +23,9 @@ from torch.library import triton_op, wrap_triton
 
 from htc_fast.kernels._determinism import alert_not_deterministic
 from htc_fast.kernels._device import on_device
-from htc_fast.kernels.deform_conv_common import (GEOMETRY_ARGS, _INTERPRETED, _columns,
-                                                 _corner_masks, _operand, _rows, _tap, block,
-                                                 gemm_config, geometry, strides, tile_class)
+from htc_fast.kernels.deform_conv_common import (GEOMETRY_ARGS, _INTERPRETED, TWO_CTAS_PER_SM,
+                                                 _columns, _corner_masks, _operand, _rows, _tap,
+                                                 block, gemm_config, geometry, strides, tile_class)
 
 __all__ = ["deform_conv2d_backward_triton"]
 
@@ -149,11 +149,12 @@ def _bwd_weight_kernel(g_ptr, x_ptr, off_ptr, msk_ptr, gw_ptr,
 _TARGET_PROGRAMS = 1024  # grad_weight splits its row reduction until about this many programs run
 # (BLOCK_P, max BLOCK_CO, BLOCK_C, num_warps, num_stages) by tile_class. MAX_REGS: checked by
 # scripts/check_triton_compile.py for sm_80 and sm_90.
-# Both kernels: 8 warps within 128 registers, 2 CTAs per SM (65536 / (2 * 256)); the former
-# 64 x 32 data tiles needed 182 and the 32 x 64 x 32 weight tiles 200.
-DATA_TILES = {"fp32": (16, 32, 16, 8, 1), "fp64": (16, 32, 32, 8, 1)}
+# Both kernels: 2 CTAs per SM (8 warps within 128 registers; the former 64 x 32 data tiles needed
+# 182 and the 32 x 64 x 32 weight tiles 200). float64 grad-input tiles take 4 warps: at 8 warps
+# ptxas (sm_80) caps them at 128 registers and spills.
+DATA_TILES = {"fp32": (16, 32, 16, 8, 1), "fp64": (16, 32, 16, 4, 1)}
 WEIGHT_TILES = {"fp32": (16, 32, 16, 8, 3), "fp64": (16, 32, 16, 8, 3)}
-MAX_REGS = {"_bwd_data_kernel": 128, "_bwd_weight_kernel": 128}
+MAX_REGS = {"_bwd_data_kernel": TWO_CTAS_PER_SM, "_bwd_weight_kernel": TWO_CTAS_PER_SM}
 
 
 @triton_op("htc_fast::deform_conv2d_backward_triton", mutates_args=())
@@ -198,7 +199,8 @@ def deform_conv2d_backward_triton(grad: Tensor, input: Tensor, weight: Tensor, o
                 grad, input, weight, offset, m, g_in, g_off, g_msk if mask is not None else g_off,
                 *geo.values(), *strides(grad, input, weight, offset, m, g_in), *conv,
                 BLOCK_P=data_p, BLOCK_CO=block(geo["Cog"], 16, data_co), BLOCK_C=data_c,
-                num_warps=data_warps, num_stages=data_stages, **common)
+                num_warps=data_warps, num_stages=data_stages, maxnreg=TWO_CTAS_PER_SM[data_warps],
+                **common)  # maxnreg: left alone, ptxas spills some float64 variants below it
             wrap_triton(_bwd_weight_kernel)[(k_cb, triton.cdiv(geo["Cog"], block_co), groups * splits)](
                 grad, input, offset, m, g_w, *geo.values(), co, per_split * block_p, splits,
                 *strides(grad, input, offset, m), *conv, BLOCK_P=block_p, BLOCK_CO=block_co,

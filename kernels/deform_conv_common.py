@@ -106,6 +106,11 @@ def _columns(x_ptr, off_ptr, msk_ptr, n, ho, wo, rmask, cc, cmask, c_first, c_la
 _INTERPRETED = not isinstance(_columns, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
 
 
+# Register ceiling for 2 resident CTAs per SM, by num_warps: 65536 / (2 * 32 * num_warps), capped
+# at the 255 a thread can address (the MAX_REGS of every DCN kernel).
+TWO_CTAS_PER_SM = {warps: min(255, 65536 // (2 * 32 * warps)) for warps in (1, 2, 4, 8)}
+
+
 def tile_class(dtype):
     """The key of the per-kernel tile tables: float64 tiles hold twice the registers."""
     return "fp64" if dtype == torch.float64 else "fp32"

@@ -11,7 +11,7 @@ shared memory from the kernel's metadata.
 
 Fails (exit status 1) on: a compile error, any stack or local memory (register spills), registers
 above the kernel's ceiling (``MAX_REGS`` next to its launch in kernels/*.py: the occupancy it aims
-for), a compiled kernel without a ceiling, and an ``fma.rn`` in the PTX of a kernel that must round
+for; an int, or a dict by num_warps), a compiled kernel without a ceiling, and an ``fma.rn`` in the PTX of a kernel that must round
 every operation (RoIAlign: the roi scaling and bin starts decide ceil(roi / P)).
 
 Run it as its own process: it replaces Triton's active driver and JITFunction.run for good, and
@@ -173,6 +173,14 @@ def ptxas_spills(record):
     return sum(int(a) + int(b) for a, b in found)
 
 
+def ceiling_of(record, ceilings):
+    """The kernel's register ceiling from its module's MAX_REGS (an int, or a dict by num_warps)."""
+    ceiling = ceilings.get(record.kernel)
+    if isinstance(ceiling, dict):
+        ceiling = ceiling.get(record.compiled.metadata.num_warps)
+    return ceiling
+
+
 def check(record, usage, ceilings, no_fma):
     """Problems of one compiled kernel (empty: fine)."""
     problems = []
@@ -182,9 +190,10 @@ def check(record, usage, ceilings, no_fma):
         spilled = ptxas_spills(record)
         if spilled:
             problems.append(f"register spills: {spilled} B stored + loaded (stack {usage['STACK']} B)")
-    ceiling = ceilings.get(record.kernel)
+    ceiling = ceiling_of(record, ceilings)
     if ceiling is None:
-        problems.append(f"no MAX_REGS entry for {record.kernel} in {record.module}")
+        problems.append(f"no MAX_REGS entry for {record.kernel} in {record.module} "
+                        f"(at {record.compiled.metadata.num_warps} warps)")
     elif usage["REG"] > ceiling:
         problems.append(f"{usage['REG']} registers > ceiling {ceiling}")
     if record.kernel in no_fma and re.search(r"\bfma\.rn", record.compiled.asm["ptx"]):
@@ -221,10 +230,11 @@ def main(argv=None):
     for record in recorder.seen.values():
         module = sys.modules[record.module]
         usage = resource_usage(record.compiled.asm["cubin"], tool)
-        problems = check(record, usage, getattr(module, "MAX_REGS", {}), getattr(module, "NO_FMA", ()))
+        ceilings = getattr(module, "MAX_REGS", {})
+        problems = check(record, usage, ceilings, getattr(module, "NO_FMA", ()))
         md = record.compiled.metadata
         rows.append((f"sm_{record.arch}", record.kernel, record.variant, str(usage["REG"]),
-                     str(getattr(module, "MAX_REGS", {}).get(record.kernel, "-")),
+                     str(ceiling_of(record, ceilings) or "-"),
                      f"{usage.get('STACK', 0)}/{usage.get('LOCAL', 0)}", str(md.shared),
                      str(md.num_warps), "; ".join(problems) or "ok"))
         failures += [f"sm_{record.arch} {record.kernel} ({record.variant}): {p}" for p in problems]
