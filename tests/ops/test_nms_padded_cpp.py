@@ -143,3 +143,10 @@ def test_bad_sizes_name_the_argument(cpp):
         padded(boxes, scores, idxs[:5], 0.5, 10, 10)
     with pytest.raises(RuntimeError, match="boxes"):
         padded(boxes[:, :3], scores, idxs, 0.5, 10, 10)
+
+
+def test_opcheck_schema_fake_kernel_and_compile(cpp):
+    """The kernels agree with the schema and with the fake kernel registered by htc_fast.ops."""
+    boxes, scores, idxs = random_boxes(60).to(cpp), torch.rand(60, device=cpp), torch.randint(0, 3, (60,), device=cpp)
+    for n in (60, 0):
+        torch.library.opcheck(padded.default, (boxes[:n], scores[:n], idxs[:n], 0.5, 20, 60))
