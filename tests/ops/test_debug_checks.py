@@ -95,7 +95,30 @@ def _calls(device):
         "roi_align": lambda: ops.roi_align(x, rois, 7, 0.25, aligned=True),
         "multilevel_roi_align": lambda: ops.multilevel_roi_align(levels, rois, 7, strides=(4, 8)),
         "htc_mask_probs": lambda: ops.htc_mask_probs(logits, labels),
+        "batched_nms_padded": lambda: ops.batched_nms(boxes, scores, idxs, 0.5, max_output=20, max_group_size=n),
+        "multiclass_nms_padded": lambda: ops.multiclass_nms(boxes, cls_scores, 0.05, 0.5, 100, padded=True),
     }
+
+
+def _unchecked_calls(device):
+    """Ops without value checks: no sync with or without the switch."""
+    x = torch.randn(1, 4, 5, 6, device=device)
+    offset, weight = torch.randn(1, 18, 5, 6, device=device), torch.randn(2, 4, 3, 3, device=device)
+    probs, boxes = torch.rand(3, 7, 7, device=device), random_boxes(3, device) / 4
+    return {
+        "deform_conv2d": lambda: ops.deform_conv2d(x, offset, weight, padding=1),
+        "paste_masks": lambda: ops.paste_masks(probs, boxes, (30, 40)),
+        "map_roi_levels": lambda: ops.map_roi_levels(random_rois(5, 1, 300.0).to(device), 4),
+    }
+
+
+@pytest.mark.parametrize("op", list(_unchecked_calls("cpu")))
+def test_no_syncs_in_ops_without_value_checks(op):
+    call = _unchecked_calls("cpu")[op]
+    for switch in (False, True):
+        with ops.debug_checks(switch), count_ops() as c:
+            call()
+        assert c.syncs == 0, c.report()
 
 
 # What a call syncs for whatever the switch: NMS's output size is the data's; multiclass_nms
