@@ -50,8 +50,9 @@ def _checker():
     return script
 
 
-def _record(kernel, ptx="", fusion=False):
-    compiled = SimpleNamespace(asm={"ptx": ptx}, metadata=SimpleNamespace(enable_fp_fusion=fusion))
+def _record(kernel, ptx="", fusion=False, warps=4):
+    compiled = SimpleNamespace(asm={"ptx": ptx},
+                               metadata=SimpleNamespace(enable_fp_fusion=fusion, num_warps=warps))
     return SimpleNamespace(kernel=kernel, module="m", arch=90, compiled=compiled)
 
 
@@ -62,6 +63,10 @@ def test_check_rejects_registers_local_memory_missing_ceilings_and_fma():
     assert "registers > ceiling" in check(_record("k"), dict(usage, REG=101), {"k": 100}, ())[0]
     assert "local memory" in check(_record("k"), dict(usage, LOCAL=16), {"k": 100}, ())[0]
     assert "no MAX_REGS" in check(_record("k"), usage, {}, ())[0]
+    by_warps = {4: 128, 8: 64}  # a ceiling by num_warps
+    assert check(_record("k", warps=4), usage, {"k": by_warps}, ()) == []
+    assert "registers > ceiling 64" in check(_record("k", warps=8), usage, {"k": by_warps}, ())[0]
+    assert "no MAX_REGS" in check(_record("k", warps=2), usage, {"k": by_warps}, ())[0]
     fma = _record("k", ptx="\tfma.rn.f32 \t%f3, %f1, %f2, %f0;")
     assert "fma.rn" in check(fma, usage, {"k": 100}, ("k",))[0]
     assert check(fma, usage, {"k": 100}, ()) == []  # only the listed kernels must avoid FMAs
