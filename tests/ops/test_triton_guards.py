@@ -80,3 +80,32 @@ def test_crop_argument_shapes_are_checked(device):
         mask_paste.paste_mask_crops_triton(probs, boxes, windows, windows[0, :1], 4, 8, 8, 0.5)
     with pytest.raises(ValueError, match="windows"):
         mask_paste.paste_mask_crops_triton(probs, boxes, windows.int(), windows[0, :2], 4, 8, 8, 0.5)
+
+
+def test_device_guard_is_a_no_op_on_cpu():
+    from htc_fast.kernels._device import on_device
+
+    with on_device(torch.zeros(1)):
+        assert torch.zeros(1).device.type == "cpu"
+
+
+@pytest.mark.cuda
+def test_launches_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: every Triton op launches on cuda:1 (a launch on
+    the current device would read cuda:1 pointers from cuda:0: a fault or garbage)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from htc_fast.kernels import mask_paste, nms, roi_align
+
+    torch.cuda.set_device(0)
+    x = torch.rand(1, 8, 16, 16)
+    rois = torch.tensor([[0.0, 1.0, 1.0, 12.0, 9.0]])
+    expected = roi_align.roi_align_triton(x.cuda(0), rois.cuda(0), 1.0, 3, 3, 2, True).cpu()
+    got = roi_align.roi_align_triton(x.cuda(1), rois.cuda(1), 1.0, 3, 3, 2, True)
+    assert got.device == torch.device("cuda", 1) and torch.equal(got.cpu(), expected)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 20.0, 30.0, 30.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert nms.nms_triton(boxes.cuda(1), scores.cuda(1), 0.5).tolist() == [0, 2]
+    probs = torch.rand(3, 7, 7)
+    dense = mask_paste.paste_masks_triton(probs.cuda(1), boxes.cuda(1), 32, 32, 0.5)
+    assert torch.equal(dense.cpu(), mask_paste.paste_masks_triton(probs.cuda(0), boxes.cuda(0), 32, 32, 0.5).cpu())
