@@ -103,3 +103,14 @@ def test_no_host_sync(kernels, device):
         kernels.batched_nms_padded_triton(*args, 0.5, 50, 100)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_opcheck_and_compile(kernels, device):
+    boxes, scores = nms_inputs("random", 40, 0.5)
+    args = (boxes.to(device), scores.to(device), torch.randint(0, 4, (40,), device=device))
+    torch.library.opcheck(kernels.batched_nms_padded_triton, (*args, 0.5, 16, 40))
+    compiled = torch.compile(lambda b, s, i: kernels.batched_nms_padded_triton(b, s, i, 0.5, 16, 40),
+                             fullgraph=True)
+    keep, num_kept = compiled(*args)
+    want, count = kernels.batched_nms_padded_triton(*args, 0.5, 16, 40)
+    assert torch.equal(keep, want) and int(num_kept) == int(count)
