@@ -72,8 +72,11 @@ def _autocast_features(input, weight, bias):
             or not torch.is_autocast_enabled(input.device.type) or input.dtype == torch.float64:
         return input, weight, bias
     dtype = torch.get_autocast_dtype(input.device.type)
-    cast = (lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
-            and t.dtype != torch.float64 else t)
+
+    def cast(t):
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
     return cast(input), cast(weight), cast(bias)
 
 

@@ -10,8 +10,9 @@ Why fused: mmdetection's ``_do_paste_mask`` builds an N x h x w x 2 float32 grid
 float32 image (12-14 bytes per pixel per mask over the boxes' union), and paints a stripe for a
 zero-width box. Here one kernel visits only the pixels within half a mask cell of each box and
 writes booleans: memory is the (N, H, W) bool output plus O(N * M^2) (on CPU, per thread, a
-padded float32 mask and its rows interpolated along the box's window: O(M^2 + M * W)). Inference only: no autograd. Autocast: nothing to decide (no float output; the mask
-probabilities are read in their dtype and interpolated in float32, boxes are float32 geometry).
+padded float32 mask and its rows interpolated along the box's window: O(M^2 + M * W)). Inference
+only: no autograd. Autocast: nothing to decide (no float output; the mask probabilities are read
+in their dtype and interpolated in float32, boxes are float32 geometry).
 """
 import math
 

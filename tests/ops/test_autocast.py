@@ -9,11 +9,11 @@ operators called directly (torch.ops.htc_fast.*, C++ and Triton) follow the same
 import pytest
 import torch
 from torch import nn
-from tests.ops.test_deform_conv import make_problem, run
-from tests.support import require_backend
 
 from htc_fast import ops
 from htc_fast.model.deform_conv import DeformConv2dPack, ModulatedDeformConv2dPack
+from tests.ops.test_deform_conv import make_problem, run
+from tests.support import require_backend
 
 BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
 BF16 = torch.bfloat16

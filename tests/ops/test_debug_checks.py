@@ -14,11 +14,11 @@ import sys
 
 import pytest
 import torch
-from tests.support import require_backend
 
 from htc_fast import ops
 from htc_fast.diagnostics import count_ops
 from htc_fast.ops import _debug
+from tests.support import require_backend
 
 BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -155,7 +155,8 @@ def test_nan_scores_rank_first(backend, batched):
     # NaN above every score in [0, 1), ties among the NaNs by index: as a score of 2.0 (stable sort).
     assert torch.equal(call(scores), call(scores.nan_to_num(2.0)))
     name = "batched_nms" if batched else "nms"
-    with ops.debug_checks(), pytest.raises(ops.OpArgumentError, match=rf"^{name}: scores\[{int(nan_at.min())}\] is NaN"):
+    message = rf"^{name}: scores\[{int(nan_at.min())}\] is NaN"
+    with ops.debug_checks(), pytest.raises(ops.OpArgumentError, match=message):
         call(scores)
 
 
@@ -181,22 +182,24 @@ def test_bad_batch_index_pools_zeros(backend, multilevel):
     x = torch.randn(n, 3, 12, 14)
     rois = random_rois(8, n, 40.0)
     rois[:5, 0] = torch.tensor([-1.0, float(n), float("nan"), 0.7, n - 0.5])
-    if multilevel:
-        levels = [x, x[..., ::2, ::2].contiguous()]
-        call = lambda r: ops.multilevel_roi_align(levels, r, 3, strides=(4, 8), finest_scale=8,
-                                                  backend=backend)
-    else:
-        call = lambda r: ops.roi_align(x, r, 3, 0.25, 2, True, backend=backend)
+    levels = [x, x[..., ::2, ::2].contiguous()]
+
+    def call(r):
+        if multilevel:
+            return ops.multilevel_roi_align(levels, r, 3, strides=(4, 8), finest_scale=8, backend=backend)
+        return ops.roi_align(x, r, 3, 0.25, 2, True, backend=backend)
     got = call(rois)
     assert (got[:3] == 0).all()
     truncated = rois.clone()
     truncated[:, 0] = truncated[:, 0].trunc()
     torch.testing.assert_close(got[3:], call(truncated[3:]), rtol=0, atol=0)
     assert got[3:].abs().sum() > 0
-    with ops.debug_checks(), pytest.raises(ops.OpArgumentError, match=r"rois\[0, 0\] = -1.0 is not a batch index in \[0, 2\)"):
+    with ops.debug_checks(), pytest.raises(ops.OpArgumentError,
+                                           match=r"rois\[0, 0\] = -1.0 is not a batch index in \[0, 2\)"):
         call(rois)
     fractional = rois[3:4]
-    with ops.debug_checks(), pytest.raises(ops.OpArgumentError, match=r"rois\[0, 0\] = 0.69999\d* is not a batch index"):
+    with ops.debug_checks(), pytest.raises(ops.OpArgumentError,
+                                           match=r"rois\[0, 0\] = 0.69999\d* is not a batch index"):
         call(fractional)
 
 
@@ -212,5 +215,6 @@ def test_out_of_range_labels_give_empty_masks():
     ok = torch.tensor([0, 2, 3, 5, 6])
     # (mean over a stack of another size may round differently in the last place: 1e-7 absolute)
     torch.testing.assert_close(got[ok], ops.htc_mask_probs([t[ok] for t in logits], labels[ok]), rtol=0, atol=1e-7)
-    with ops.debug_checks(), pytest.raises(ops.OpArgumentError, match=rf"labels\[1\] = {c} is not a class in \[0, {c}\)"):
+    message = rf"labels\[1\] = {c} is not a class in \[0, {c}\)"
+    with ops.debug_checks(), pytest.raises(ops.OpArgumentError, match=message):
         ops.htc_mask_probs(logits, labels)

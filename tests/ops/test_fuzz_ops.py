@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tests.support import require_backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

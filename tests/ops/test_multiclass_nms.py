@@ -13,10 +13,10 @@ of the (N, C) score matrix), and so does the oracle. Results must be exactly equ
 import pytest
 import torch
 import torchvision
-from tests.support import require_backend
-from tests.ops.test_nms import assert_same_indices, class_scores, detections, nms_inputs
 
 from htc_fast import ops
+from tests.ops.test_nms import assert_same_indices, class_scores, detections, nms_inputs
+from tests.support import require_backend
 
 HTC_TEST = dict(score_threshold=0.001, iou_threshold=0.5, max_per_image=100)  # HTC's rcnn test cfg
 

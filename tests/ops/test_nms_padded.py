@@ -8,12 +8,12 @@ detections, tied scores, many groups, no boxes.
 """
 import pytest
 import torch
-from tests.ops.test_multiclass_nms import HTC_TEST, problem
-from tests.ops.test_nms import class_scores, detections, nms_inputs
-from tests.support import require_backend
 
 from htc_fast import ops
 from htc_fast.diagnostics import count_ops
+from tests.ops.test_multiclass_nms import HTC_TEST, problem
+from tests.ops.test_nms import class_scores, detections, nms_inputs
+from tests.support import require_backend
 
 
 def size_for(backend):
@@ -121,7 +121,8 @@ def test_group_larger_than_max_group_size_is_reported_in_debug_mode():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(max_output=0), ops.OpArgumentError, "max_output must be an int >= 1 and <= 16777216, got 0"),
     (dict(max_output=-3), ops.OpArgumentError, "max_output must be an int >= 1"),
-    (dict(max_output=2 ** 40), ops.OpArgumentError, "max_output must be an int >= 1 and <= 16777216, got 1099511627776"),
+    (dict(max_output=2 ** 40), ops.OpArgumentError,
+     "max_output must be an int >= 1 and <= 16777216, got 1099511627776"),
     (dict(max_output=4, max_group_size=0), ops.OpArgumentError, "max_group_size must be an int >= 1"),
     (dict(max_output=2.5), ops.OpTypeError, "max_output must be an int, got float 2.5"),
     (dict(max_output=True), ops.OpTypeError, "max_output must be an int, got bool"),

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 import torchvision
-from tests.support import TOL, require_backend
-from tests.ops.naive_roi_align import random_rois
 
 from htc_fast import _extension, ops
 from htc_fast.ops import _backend
+from tests.ops.naive_roi_align import random_rois
+from tests.support import TOL, require_backend
 
 # htc_fast.ops.roi_align is also the name of the function that htc_fast.ops re-exports.
 roi_align_module = importlib.import_module("htc_fast.ops.roi_align")
@@ -37,8 +37,10 @@ ROI_ALIGN_ERRORS = {  # case: (changes to a good call, error, message)
     "box_list_item": (dict(boxes=lambda x, r: [r[:2, 1:], None]), ops.RoiBoxesTypeError,
                       r"boxes\[1\] must be a Tensor of shape \(L, 4\), got NoneType"),
     "output_size_zero": (dict(output_size=0), ops.OpArgumentError, "output_size must be an int >= 1 or a pair"),
-    "output_size_triple": (dict(output_size=(2, 2, 2)), ops.OpArgumentError, "output_size must be an int >= 1 or a pair"),
-    "output_size_float": (dict(output_size=2.7), ops.OpTypeError, "output_size must be an int or a pair of ints \\(each >= 1\\), got float 2.7"),
+    "output_size_triple": (dict(output_size=(2, 2, 2)), ops.OpArgumentError,
+                           "output_size must be an int >= 1 or a pair"),
+    "output_size_float": (dict(output_size=2.7), ops.OpTypeError,
+                          r"output_size must be an int or a pair of ints \(each >= 1\), got float 2.7"),
     "spatial_scale_zero": (dict(spatial_scale=0.0), ops.OpArgumentError, "spatial_scale must be positive, got 0.0"),
     "spatial_scale_negative": (dict(spatial_scale=-0.25), ops.OpArgumentError, "spatial_scale must be positive"),
     "spatial_scale_nan": (dict(spatial_scale=float("nan")), ops.OpArgumentError, "spatial_scale must not be NaN"),
