@@ -62,12 +62,16 @@ class TrainLoop:
     def run_epoch(self, batches: Iterable, steps_per_epoch: int) -> bool:
         """Trains on `batches` (the rest of the current epoch) until they run out or total_iters is
         reached. Returns True when the epoch ran to its end (progress.step == steps_per_epoch)."""
-        for batch in self._timed(batches):
-            if self.skipped is not None:
-                self.skipped.check(batch.image_ids)
-            self.train_step(batch)
-            if self.progress.iteration >= self.total_iters:
-                break
+        self.window.resume()
+        try:
+            for batch in self._timed(batches):
+                if self.skipped is not None:
+                    self.skipped.check(batch.image_ids)
+                self.train_step(batch)
+                if self.progress.iteration >= self.total_iters:
+                    break
+        finally:
+            self.window.pause()
         return self.progress.step >= steps_per_epoch
 
     def _timed(self, batches: Iterable) -> Iterator:

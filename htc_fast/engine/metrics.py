@@ -37,7 +37,17 @@ class LossWindow:
         self.count = 0
         self.checked_until = first_iteration  # iterations <= this are known finite
         self.data_time = 0.0
-        self.start_time = time.perf_counter()
+        # Wall clock of the window's iterations only: paused outside the epochs (evaluation, the
+        # epoch-end checkpoint), like mmdetection's per-iteration timer.
+        self.start_time = self.paused_at = time.perf_counter()
+
+    def pause(self) -> None:
+        self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.start_time += time.perf_counter() - self.paused_at
+            self.paused_at = None
 
     def add(self, values: Dict[str, torch.Tensor]) -> None:
         """Adds one iteration's values ({name: 0-dim tensor}); two device ops, no sync."""
@@ -78,6 +88,8 @@ class LossWindow:
         now = time.perf_counter()
         means.update(time=(now - self.start_time) / n, data_time=self.data_time / n)
         self.count, self.data_time, self.start_time = 0, 0.0, now
+        if self.paused_at is not None:
+            self.paused_at = now
         return means
 
     def _diverged(self, iteration: int, last_checkpoint):

@@ -101,3 +101,17 @@ def test_result_does_not_depend_on_the_number_of_workers(tmp_path):
     assert runs["0"]["progress"] == runs["1"]["progress"] == {"iteration": 4, "epoch": 2, "step": 0}
     for k, v in runs["0"]["model"].items():
         assert torch.equal(v, runs["1"]["model"][k]), k
+
+
+def test_log_time_leaves_out_the_time_between_epochs(tmp_path, capsys):
+    """Evaluation between epochs is not iteration time (mmdetection's `time` is per iteration)."""
+    gen = torch.Generator().manual_seed(0)
+    loop = toy_loop(tmp_path, ToyNet(), log_interval=4)
+    time.sleep(0.5)  # e.g. the untrained model's evaluation
+    assert loop.run_epoch([Batch(gen), Batch(gen)], steps_per_epoch=2)
+    time.sleep(0.5)  # the epoch-end evaluation
+    loop.progress.next_epoch()
+    loop.run_epoch([Batch(gen), Batch(gen)], steps_per_epoch=2)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "iter 4/" in x)
+    seconds = float(next(f for f in line.split() if f.startswith("time=")).split("=")[1])
+    assert 0 < seconds < 0.2  # 4 toy iterations; the 1 s of pauses would make it >= 0.25
