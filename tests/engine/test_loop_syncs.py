@@ -110,3 +110,13 @@ def test_fused_sgd_matches_plain_sgd_also_when_fp16_skips_the_first_step(amp):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(a, a0) for a, a0 in zip(nets[0].parameters(), initial))
+
+
+def test_bookkeeping_of_a_non_log_iteration_is_two_ops(tmp_path):
+    """The loss window's stack + add_ and nothing else (a launch budget the loop adds per step)."""
+    loop = toy_loop(tmp_path, ToyNet(), log_interval=5)
+    values = {"loss_a": torch.rand(()), "loss_b": torch.rand(()), "acc": torch.rand(()) * 100}
+    loop.after_step(values)  # the first call allocates the window's sums
+    with count_ops() as c:
+        loop.after_step(values)
+    assert (c.ops, c.syncs) == (2, 0), c.report()
