@@ -203,6 +203,10 @@ def build_data(cfg, args, root, splits, d):
     from htc_fast.evaluation import coco_images
 
     train_set = coco_train_dataset(root, cfg, split=splits[0], semantic=args.semantic)
+    if len(train_set.class_names) != cfg.model.num_classes:
+        raise SystemExit(f"the dataset {root} has {len(train_set.class_names)} categories, the preset {cfg.name} "
+                         f"{cfg.model.num_classes}: pick a preset for this dataset or pass "
+                         f"--set model.num_classes={len(train_set.class_names)}")
     workers = default_workers(cfg.data.workers_per_gpu) if args.workers is None else args.workers
     grouped = build_train_loader(train_set, cfg, cfg.train.images_per_gpu, d.rank, d.world_size, cfg.train.seed)
     loader = build_run_loader(train_set, grouped, workers, d.device, cfg.train.seed, args.prefetch_factor)

@@ -143,3 +143,8 @@ def test_bad_arguments_are_named(flag, value, capsys):
     with pytest.raises(SystemExit):
         train.parse_args([flag, value])
     assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_dataset_and_preset_class_counts_must_agree(tmp_path):
+    with pytest.raises(SystemExit, match=r"has 4 categories, the preset htc_tiny 5"):
+        train.main(["--work-dir", str(tmp_path), "--no-eval", "--max-iters", "1", "--set", "model.num_classes=5"])
