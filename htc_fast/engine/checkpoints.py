@@ -8,6 +8,7 @@ one: the previous checkpoint and pointer stay as they were and `CheckpointWriteE
 path that could not be written.
 """
 import os
+import pickle
 import random
 import re
 from dataclasses import dataclass
@@ -128,7 +129,19 @@ def prune_checkpoints(work_dir: Path, keep: int, protect: Sequence[Path] = ()) -
 
 
 def read_resume_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The resume state of a training checkpoint; ValueError naming the file if it is unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        # torch's own message for a corrupt file suggests weights_only=False, which would not help.
+        why = "empty file" if Path(path).stat().st_size == 0 else \
+            "truncated or corrupt" if isinstance(exc, (EOFError, pickle.UnpicklingError, RuntimeError)) else str(exc)
+        older = [p.name for p in iteration_checkpoints(Path(path).parent) if p.name != Path(path).name]
+        raise ValueError(f"cannot read the training checkpoint {path} ({why}); "
+                         f"to resume from an older one, write its name into {Path(path).parent / POINTER}"
+                         + (f" (there: {', '.join(older)})" if older else "")) from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a training checkpoint of htc_fast (a {type(state).__name__})")
     for key in ("model", "optimizer", "progress", "rng"):
         if key not in state:
             raise ValueError(f"{path} is not a training checkpoint of htc_fast (no '{key}'); "

@@ -110,3 +110,14 @@ def test_training_keeps_n_checkpoints_and_stops_on_a_full_disk(tmp_path, monkeyp
         train.main(["--work-dir", str(tmp_path), "--max-iters", "6", "--resume"] + common)
     assert _names(tmp_path) == ["iter_0000003.pth", "iter_0000004.pth"]
     assert read_resume_state(latest_checkpoint(tmp_path))["progress"]["iteration"] == 4
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage that is not a zip file", "truncated"])
+def test_an_unreadable_resume_checkpoint_is_named(tmp_path, content):
+    model, opt = _model_and_optimizer()
+    write_checkpoint(tmp_path, model, opt, Progress(iteration=1), "toy", [])
+    path = write_checkpoint(tmp_path, model, opt, Progress(iteration=2), "toy", [])
+    path.write_bytes(path.read_bytes()[:200] if content == "truncated" else content)
+    with pytest.raises(ValueError, match=r"cannot read the training checkpoint .*iter_0000002\.pth.*latest\.txt "
+                                         r"\(there: iter_0000001\.pth\)"):
+        read_resume_state(latest_checkpoint(tmp_path))
