@@ -59,9 +59,9 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     where = "roi_align"
     out_h, out_w = _output_size(where, output_size)
     _check_features(where, input, "input")
-    rois = _as_rois(where, boxes, input)
     spatial_scale = _checks.real(where, "spatial_scale", spatial_scale, positive=True, finite=True)
     sampling_ratio, aligned = _sampling(where, sampling_ratio, aligned)
+    rois = _as_rois(where, boxes, input)
     _check_rois(rois, input.shape[0])
     chosen = _backend.resolve("roi_align", input.device.type, backend)
     if chosen == "reference":

@@ -15,7 +15,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from htc_fast import ops
+from htc_fast.diagnostics import count_ops
 from tests.support import require_backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -46,3 +49,26 @@ def test_malformed_calls(backend, _fresh_seed):
     assert total == COUNT[backend] * len(summary)
     print(f"{backend}: {total} calls, " + ", ".join(
         f"{op} {c['clean']} clean / {c['ok']} ok" for op, c in summary.items()))
+
+
+def test_rejected_before_any_allocation():
+    """Arguments that would allocate (or loop) without bound are refused before the first op is
+    dispatched: no tensor is made, no kernel runs."""
+    x, rois = torch.randn(1, 2, 8, 8), torch.tensor([[0.0, 1, 1, 6, 6]])
+    boxes, scores, idxs = torch.tensor([[0.0, 0, 4, 4]]), torch.ones(1), torch.zeros(1, dtype=torch.long)
+    giant_x = x[..., :1].expand(2 ** 16, 2, 8, 2 ** 16)
+    dcn = (torch.randn(1, 4, 1, 1).expand(2, 4, 2 ** 14, 2 ** 14),
+           torch.randn(1, 18, 1, 1).expand(2, 18, 2 ** 14, 2 ** 14), torch.randn(2, 4, 3, 3))
+    calls = [  # (function, args, kwargs), all built before counting
+        (ops.roi_align, (x, rois, 2, 1.0), dict(sampling_ratio=2 ** 40)),
+        (ops.roi_align, (x, [boxes], 2 ** 20), {}),
+        (ops.roi_align, (giant_x, rois, 2), {}),
+        (ops.multilevel_roi_align, ([x], rois, 2), dict(strides=(4,), sampling_ratio=2 ** 40)),
+        (ops.nms, (boxes, scores, 0.5), dict(max_output=2 ** 40)),
+        (ops.batched_nms, (boxes, scores, idxs, 0.5), dict(max_output=2 ** 40)),
+        (ops.deform_conv2d, dcn, dict(padding=1)),
+    ]
+    for fn, args, kwargs in calls:
+        with count_ops() as counts, pytest.raises(ops.OpArgumentError):
+            fn(*args, **kwargs)
+        assert counts.ops == 0, (fn.__name__, counts.top_ops())
