@@ -1,5 +1,7 @@
 """The public ops of htc_fast. Each takes ``backend=`` ("reference", "cpp", "triton");
-``use_backend(...)`` sets a default for a block of code; ``DEFAULT_BACKENDS`` is the table."""
+``use_backend(...)`` sets a default for a block of code; ``DEFAULT_BACKENDS`` is the table.
+``debug_checks()`` (or ``HTC_FAST_DEBUG=1``) turns on the value checks that need a host sync
+(``_debug.py``); bad arguments raise ``OpArgumentError`` / ``OpTypeError`` (``_errors.py``)."""
 from htc_fast.ops._backend import BACKENDS, DEFAULT_BACKENDS, use_backend
 from htc_fast.ops._debug import debug_checks
 from htc_fast.ops._errors import OpArgumentError, OpTypeError, RoiBoxesError, RoiBoxesTypeError
