@@ -65,6 +65,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, help="data loader processes per rank (default: the cores this rank "
                    "may use minus one, at most 8; 0 for presets that load in-process, like htc_tiny)")
     p.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker loads ahead")
+    p.add_argument("--data-device", help="decode, resize, flip and normalise the images on this device (cuda: "
+                   "nvJPEG) in the training process; the workers only read files and annotations")
     p.add_argument("--log-interval", type=int, default=20)
     p.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N iterations")
     p.add_argument("--keep-checkpoints", type=int, default=3,
@@ -202,7 +204,7 @@ def build_data(cfg, args, root, splits, d):
     from htc_fast.data import build_train_loader, coco_train_dataset
     from htc_fast.evaluation import coco_images
 
-    train_set = coco_train_dataset(root, cfg, split=splits[0], semantic=args.semantic)
+    train_set = coco_train_dataset(root, cfg, split=splits[0], semantic=args.semantic, data_device=args.data_device)
     if len(train_set.class_names) != cfg.model.num_classes:
         raise SystemExit(f"the dataset {root} has {len(train_set.class_names)} categories, the preset {cfg.name} "
                          f"{cfg.model.num_classes}: pick a preset for this dataset or pass "

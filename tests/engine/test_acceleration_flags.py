@@ -1,5 +1,6 @@
 """`train --compile` and `--channels-last` (issue 11 item 4) on htc_tiny for a few iterations on CPU
-(inductor): the same data and initial weights give the eager run's losses within tolerance."""
+(inductor): the same data and initial weights give the eager run's losses within tolerance. And
+`--data-device` (issue 13 item 2): images decoded in the training process give the same losses."""
 import json
 
 import pytest
@@ -37,3 +38,13 @@ def test_compile_and_channels_last_match_eager(tmp_path):
         _assert_close(_run(tmp_path / "compiled", "--compile", "--channels-last"), _run(tmp_path / "eager"))
     finally:
         torch._dynamo.reset()
+
+
+def test_data_device_gives_the_workers_path_losses(tmp_path):
+    # On the CPU the device path runs the same uint8 resize as the workers' path: same batches.
+    got, want = _run(tmp_path / "device", "--data-device", "cpu"), _run(tmp_path / "workers")
+    assert [x["iteration"] for x in got] == [x["iteration"] for x in want] == [1, 2]
+    for g, w in zip(got, want):
+        for k in w:
+            if "loss" in k:
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (g["iteration"], k)
