@@ -30,9 +30,21 @@ import torch
 import torch.distributed as dist
 
 from htc_fast.config import get_config
-from htc_fast.engine import (Checkpoints, MetricLog, Progress, SkippedImages, TrainingDiverged, TrainLoop,
-                             build_optimizer, build_run_loader, default_workers, init_distributed,
-                             latest_checkpoint, read_resume_state, set_rng_state)
+from htc_fast.engine import (
+    Checkpoints,
+    MetricLog,
+    Progress,
+    SkippedImages,
+    TrainingDiverged,
+    TrainLoop,
+    build_optimizer,
+    build_run_loader,
+    default_workers,
+    init_distributed,
+    latest_checkpoint,
+    read_resume_state,
+    set_rng_state,
+)
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.weights import resolve_weights
@@ -265,7 +277,8 @@ def draw_predictions(model, cfg, image_path, out_path, device, names):
     model.eval()
     det = model.predict(make_batch([image], cfg.data.test_scale, device=device))[0]
     # A small model trained for minutes scores low: draw its ten best detections above 0.05.
-    keep = det.scores >= max(0.05, float(det.scores[min(9, len(det.scores) - 1)])) if len(det.scores) else det.scores > 0
+    tenth_best = float(det.scores[min(9, len(det.scores) - 1)]) if len(det.scores) else 1.0
+    keep = det.scores >= max(0.05, tenth_best)
     det = det._replace(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
                        masks=det.masks[keep])
     write_png(draw(image, det, 0.0, names), str(out_path))

@@ -95,9 +95,8 @@ def _ddp_worker(rank, world, port, work_dir, out):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     d = engine.init_distributed("cpu")
-    from htc_fast.data import build_train_loader
+    from htc_fast.data import build_train_loader, coco_train_dataset
     from htc_fast.data.synthetic import make_synthetic_coco
-    from htc_fast.data import coco_train_dataset
 
     cfg = get_config("htc_tiny")
     if rank == 0:

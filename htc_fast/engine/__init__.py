@@ -10,9 +10,18 @@
 
 The loop itself (what happens in which order) is read in htc_fast/train.py.
 """
-from htc_fast.engine.checkpoints import (CheckpointWriteError, Checkpoints, Progress, iteration_checkpoints,
-                                         latest_checkpoint, prune_checkpoints, read_resume_state, rng_state,
-                                         set_rng_state, write_checkpoint)
+from htc_fast.engine.checkpoints import (
+    Checkpoints,
+    CheckpointWriteError,
+    Progress,
+    iteration_checkpoints,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_resume_state,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from htc_fast.engine.distributed import Dist, all_reduce, cores_per_local_rank, init_distributed
 from htc_fast.engine.feed import EpochBatchSampler, SkippedImages, build_run_loader, default_workers
 from htc_fast.engine.loop import TrainLoop

@@ -11,9 +11,10 @@ import os
 import pickle
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -105,13 +106,13 @@ def latest_checkpoint(work_dir: Path) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def iteration_checkpoints(work_dir: Path) -> List[Path]:
+def iteration_checkpoints(work_dir: Path) -> list[Path]:
     """work_dir's iter_N.pth files, oldest (smallest N) first."""
     found = [(int(m.group(1)), p) for p in Path(work_dir).iterdir() if (m := _ITER_NAME.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def prune_checkpoints(work_dir: Path, keep: int, protect: Sequence[Path] = ()) -> List[Path]:
+def prune_checkpoints(work_dir: Path, keep: int, protect: Sequence[Path] = ()) -> list[Path]:
     """Deletes all but the newest `keep` iter_N.pth files of work_dir, never the one latest.txt
     names nor those in `protect`. keep <= 0 keeps everything. Returns the deleted paths."""
     if keep <= 0:

@@ -6,7 +6,7 @@ The loader is built once for the whole run so its worker processes live across e
 `iter(loader)` selects the epoch and how many of its batches a resumed run already did.
 """
 from collections import deque
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -29,7 +29,7 @@ def default_workers(config_workers: int) -> int:
     return min(max(cores_per_local_rank() - 1, 1), MAX_AUTO_WORKERS)
 
 
-class EpochBatchSampler(Sampler[List]):
+class EpochBatchSampler(Sampler[list]):
     """Wraps the dataset's grouped batch sampler: epoch `epoch`'s batches after the first `skip`,
     and a record of the dataset indices each yielded batch asked for (batches come back in order),
     from which `skipped` tells which images the dataset replaced by another of their group."""
@@ -66,7 +66,7 @@ class SkippedImages:
         self.ids = dataset.image_ids
         self.files: dict = {}  # file name -> times skipped
 
-    def check(self, image_ids: List[int]) -> None:
+    def check(self, image_ids: list[int]) -> None:
         """Compares the batch the loader delivered with the one the sampler asked for."""
         if not self.sampler.requested:
             return

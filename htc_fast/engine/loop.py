@@ -8,7 +8,8 @@ read of the non-finite flag). tests/engine/test_loop_syncs.py counts them.
 """
 import contextlib
 import time
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import torch
 

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -32,7 +32,7 @@ class LossWindow:
 
     def __init__(self, device: torch.device, first_iteration: int = 0):
         self.device = device
-        self.names: List[str] = []
+        self.names: list[str] = []
         self.sums: Optional[torch.Tensor] = None
         self.count = 0
         self.checked_until = first_iteration  # iterations <= this are known finite
@@ -49,7 +49,7 @@ class LossWindow:
             self.start_time += time.perf_counter() - self.paused_at
             self.paused_at = None
 
-    def add(self, values: Dict[str, torch.Tensor]) -> None:
+    def add(self, values: dict[str, torch.Tensor]) -> None:
         """Adds one iteration's values ({name: 0-dim tensor}); two device ops, no sync."""
         with torch.no_grad():
             stacked = torch.stack([v.float() for v in values.values()])
@@ -71,7 +71,7 @@ class LossWindow:
             self._diverged(iteration, last_checkpoint)
         self.checked_until = iteration
 
-    def read(self, d: Dist, iteration: int, last_checkpoint) -> Dict[str, float]:
+    def read(self, d: Dist, iteration: int, last_checkpoint) -> dict[str, float]:
         """The window's mean values (over iterations and ranks) plus `time` (seconds per
         iteration, wall clock: the read waits for the device) and `data_time` (seconds per
         iteration waiting for the loader); starts the next window. One collective and one
@@ -115,7 +115,7 @@ class MetricLog:
             except ImportError as exc:
                 print(f"tensorboard logging is off: {exc}")
 
-    def log(self, iteration: int, epoch: int, means: Dict[str, float], lr: float, device: torch.device,
+    def log(self, iteration: int, epoch: int, means: dict[str, float], lr: float, device: torch.device,
             window: int) -> None:
         """One progress line for the `window` iterations ending at `iteration` (mmdetection's
         fields: time and data_time in seconds per iteration)."""
@@ -138,7 +138,7 @@ class MetricLog:
                 if isinstance(v, (int, float)) and k not in ("iteration", "time_stamp"):
                     self.writer.add_scalar(k, v, iteration)
 
-    def log_eval(self, iteration: int, epoch: int, metrics: Dict[str, float]) -> None:
+    def log_eval(self, iteration: int, epoch: int, metrics: dict[str, float]) -> None:
         self._append(dict(iteration=iteration, epoch=epoch, **metrics))
 
     def _append(self, record: dict) -> None:

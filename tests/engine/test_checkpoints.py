@@ -9,8 +9,17 @@ from torch import nn
 
 from htc_fast import train
 from htc_fast.config import TrainConfig
-from htc_fast.engine import (CheckpointWriteError, Checkpoints, Progress, build_optimizer, iteration_checkpoints,
-                             latest_checkpoint, prune_checkpoints, read_resume_state, write_checkpoint)
+from htc_fast.engine import (
+    Checkpoints,
+    CheckpointWriteError,
+    Progress,
+    build_optimizer,
+    iteration_checkpoints,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_resume_state,
+    write_checkpoint,
+)
 
 
 def _model_and_optimizer():

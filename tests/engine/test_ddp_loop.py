@@ -13,8 +13,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from htc_fast.config import TrainConfig
-from htc_fast.engine import (Checkpoints, Dist, MetricLog, Progress, TrainingDiverged, TrainLoop, build_optimizer,
-                             latest_checkpoint)
+from htc_fast.engine import (
+    Checkpoints,
+    Dist,
+    MetricLog,
+    Progress,
+    TrainingDiverged,
+    TrainLoop,
+    build_optimizer,
+    latest_checkpoint,
+)
 from tests.engine.toy import Batch, ToyNet
 
 

@@ -98,7 +98,7 @@ def test_fused_sgd_matches_plain_sgd_also_when_fp16_skips_the_first_step(amp):
     junk = [torch.full_like(p, float("nan")) for p in nets[0].parameters()]
     del junk
     scales = []
-    for step in range(6):
+    for _ in range(6):
         for net, opt, scaler in zip(nets, opts, scalers):
             with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
                 loss = net(x, x).total()
@@ -106,7 +106,7 @@ def test_fused_sgd_matches_plain_sgd_also_when_fp16_skips_the_first_step(amp):
         scales.append(scalers[0].get_scale() if amp else None)
     if amp:  # some steps were skipped (the scale halved), the last ones were taken
         assert scales[0] < 2.0 ** 16 and scales[-1] == scales[-2], scales
-    for a, b, a0 in zip(nets[0].parameters(), nets[1].parameters(), initial):
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(a, a0) for a, a0 in zip(nets[0].parameters(), initial))
