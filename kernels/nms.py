@@ -298,8 +298,12 @@ def batched_nms_padded_triton(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_t
         return keep, num_kept
     by_score, order, keys = _grouped_order(scores, idxs)
     sorted_boxes, threshold = _prepare(boxes, order, iou_threshold)
-    kept = _kept_sorted(sorted_boxes, _segments(keys), triton.cdiv(min(max_group_size, n), BITS),
-                        threshold)
+    segments = _segments(keys)
+    kept = _kept_sorted(sorted_boxes, segments, triton.cdiv(min(max_group_size, n), BITS), threshold)
+    # The mask holds only a group's first max_group_size columns, so later boxes are never marked
+    # removed: drop them here (they come last in their group, so they suppressed nothing earlier).
+    rank = torch.arange(n, device=boxes.device) - segments[0]
+    kept = kept & (rank < max_group_size)
     flags = torch.zeros_like(kept).index_put_((order,), kept).index_select(0, by_score)
     first = torch.sort((~flags).to(torch.uint8), stable=True).indices[:max_output]  # kept first
     num_kept = flags.sum(dtype=torch.long).clamp(max=max_output)

@@ -60,13 +60,9 @@ def test_batched_nms_padded_is_the_result_cut_and_padded(backend, device, groups
         assert_padded(got, keep, capacity, device)
 
 
-def test_groups_beyond_max_group_size_keep_their_best_boxes(backend, device, request):
+def test_groups_beyond_max_group_size_keep_their_best_boxes(backend, device):
     """A group larger than max_group_size takes part with its max_group_size best-scored boxes
     (ties by index): the result is batched_nms of those boxes (same on every backend)."""
-    if backend == "triton":  # strict: an XPASS fails, so the mark goes once the kernel is fixed
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "kernels/nms.py batched_nms_padded_triton keeps boxes ranked >= max_group_size in their "
-            "group (up to the 64-column word boundary) instead of dropping them")))
     n, cap = size_for(backend), 3
     # Half clustered (suppression within the cap), half disjoint far away (every one would be kept:
     # so each group surely has kept boxes beyond its cap).
