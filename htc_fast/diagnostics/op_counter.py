@@ -56,7 +56,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["count_ops", "OpCounts", "SyncEvent", "DATA_DEPENDENT_OPS"]
 
 # Custom ops whose output size is the data's: calling one makes the host wait for the device.
-DATA_DEPENDENT_OPS = frozenset({"htc_fast::nms", "htc_fast::batched_nms"})
+DATA_DEPENDENT_OPS = frozenset({"htc_fast::nms", "htc_fast::batched_nms",
+                                "htc_fast::nms_triton", "htc_fast::batched_nms_triton"})
 
 # Tensor methods that read device data into Python on the host -> kind of sync.
 _HOST_READS = {
