@@ -20,9 +20,7 @@ from typing import Optional
 
 import torch
 
-from htc_fast.coco_classes import COCO_CLASSES
 from htc_fast.config import get_config
-from htc_fast.evaluation.coco_format import encode_masks
 from htc_fast.inference import (
     AMP_DTYPES,
     build_inference_loader,
@@ -34,6 +32,7 @@ from htc_fast.inference import (
     prepare_image,
     prepare_model,
 )
+from htc_fast.inference.visualize import draw, to_json
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import Detections
@@ -76,39 +75,6 @@ class Predictor:
         prepared = [prepare_image(image, scale, key=i, name=image_name(image, i)) for i, image in enumerate(images)]
         batch = collate_images(prepared, self.cfg.data.mean, self.cfg.data.std, self.cfg.data.pad_size_divisor)
         return next(predict_batches(self.model, [batch], self.device, amp=self.amp, masks=masks))[1]
-
-
-def class_name(label: int, names=COCO_CLASSES) -> str:
-    return names[label] if 0 <= label < len(names) else str(label)
-
-
-def draw(image: torch.Tensor, det: Detections, score_thr: float, names=COCO_CLASSES) -> torch.Tensor:
-    """(3, H, W) uint8 with the detections scoring >= score_thr drawn (masks, boxes, names)."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
-    keep = det.scores >= score_thr
-    if not keep.any():
-        return image
-    labels = det.labels[keep].tolist()
-    colors = [((37 * label) % 255, (97 * label) % 255, (173 * label) % 255) for label in labels]
-    out = image
-    if det.masks is not None:
-        out = draw_segmentation_masks(out, det.masks[keep].cpu(), alpha=0.45, colors=colors)
-    text = [f"{class_name(label, names)} {s:.2f}" for label, s in zip(labels, det.scores[keep].tolist())]
-    return draw_bounding_boxes(out, det.boxes[keep].cpu(), labels=text, colors=colors, width=2)
-
-
-def to_json(det: Detections) -> list:
-    """One dict per detection: bbox [x1, y1, x2, y2], score, label, category, segmentation (RLE)."""
-    rles = encode_masks(det.masks) if det.masks is not None else None
-    out = []
-    for i, (box, score, label) in enumerate(zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())):
-        item = {"bbox": [round(v, 3) for v in box], "score": round(score, 5), "label": label,
-                "category": class_name(label)}
-        if rles is not None:
-            item["segmentation"] = rles[i]
-        out.append(item)
-    return out
 
 
 def _output_stem(out_dir: Path, path: Path, used: set) -> Path:
