@@ -49,9 +49,15 @@ def count_train_step(model, batch: ImageBatch, targets: Targets, *, sampler: str
     """Counts of one training iteration: forward, total loss, backward (no optimizer step).
     count_kwargs go to ``count_ops``."""
     model.train()
-    with count_ops(**count_kwargs) as counts:
-        loss = model(batch, targets, sampler=sampler, generator=generator).total()
-        loss.backward()
+    # Count the GPU path: the mask branch at its fixed capacity, as on CUDA (on CPU it reads the
+    # number of positives back instead, which costs nothing there; see HTCRoIHead._mask_loss).
+    previous, model.roi_head.static_shapes = model.roi_head.static_shapes, True
+    try:
+        with count_ops(**count_kwargs) as counts:
+            loss = model(batch, targets, sampler=sampler, generator=generator).total()
+            loss.backward()
+    finally:
+        model.roi_head.static_shapes = previous
     model.zero_grad(set_to_none=True)
     return counts
 

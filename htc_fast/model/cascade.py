@@ -81,6 +81,9 @@ class HTCRoIHead(nn.Module):
         # Each stage's assigner: positive and negative thresholds equal (0.5, 0.6, 0.7).
         self.assigners = [MaxIoUAssigner(s.iou_threshold, s.iou_threshold, s.iou_threshold,
                                          match_low_quality=roi.match_low_quality) for s in roi.stages]
+        # Training mask branch at a fixed capacity (no host sync; True), on the positives read
+        # back (False), or by device (None: fixed except on CPU). See _mask_loss.
+        self.static_shapes: Optional[bool] = None
 
     # ------------------------------------------------------------------------------- training
 
@@ -170,7 +173,14 @@ class HTCRoIHead(nn.Module):
         return boxes, valid
 
     def _mask_loss(self, stage, feats, semantic_feat, samples, gt_masks, capacity) -> Tensor:
-        """The mask loss on each image's first ``capacity`` slots, where the sampled positives are."""
+        """The mask loss on each image's first ``capacity`` slots, where the sampled positives are.
+
+        With ``static_shapes`` off (the default on CPU, where reading a count costs no waiting)
+        each image's P positives are read and only they run through the mask head, as mmdet does:
+        a fixed capacity would cost max_pos / P times the mask head's compute."""
+        static = self.static_shapes if self.static_shapes is not None else feats[0].device.type != "cpu"
+        if not static:
+            capacity = max(int(s.num_pos) for s in samples)
         boxes = [s.boxes[:capacity] for s in samples]
         x = self.extract(feats, semantic_feat, rois_from(boxes), self.roi.mask_roi_size)
         logits = self.mask_head[stage].logits(self._trunk(stage, x))

@@ -91,7 +91,8 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
         # in float32 even when the head ran in low precision (AMP).
         # The sigmoid runs image by image: on CPU a vectorised kernel and its scalar tail differ in
         # the last bit, so one pass over the batch would move the tail and change tie order.
-        scores = torch.stack([x.permute(1, 2, 0).reshape(-1).float().sigmoid() for x in logits])
+        flat = logits.permute(0, 2, 3, 1).reshape(n, -1).float()
+        scores = torch.stack([row.sigmoid() for row in flat])  # each row is contiguous, as one image's
         d = deltas.permute(0, 2, 3, 1).reshape(n, -1, 4).float()
         a = level_anchor.expand(n, -1, -1)
         if 0 < nms_pre < scores.shape[1]:
@@ -134,10 +135,11 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
 
 def _padded_nms(boxes, scores, ids, big, iou_threshold, max_per_img, group, backend) -> Proposals:
     capacity = max_per_img if max_per_img > 0 else max(boxes.shape[0], 1)
-    masked = torch.where(big, scores, float("-inf"))
+    masked = scores.masked_fill(~big, float("-inf"))
     keep, _ = batched_nms(boxes, masked, ids, iou_threshold, max_output=capacity, max_group_size=max(group, 1),
                           backend=backend)
     safe = keep.clamp(min=0)
     valid = (keep >= 0) & (masked[safe] > float("-inf"))  # a prefix: real candidates sort first
-    return Proposals(torch.where(valid[:, None], boxes[safe], 0), torch.where(valid, scores[safe], 0),
-                     torch.where(valid, ids[safe], -1), valid)
+    pad = ~valid
+    return Proposals(boxes[safe].masked_fill(pad[:, None], 0), scores[safe].masked_fill(pad, 0),
+                     ids[safe].masked_fill(pad, -1), valid)

@@ -166,3 +166,21 @@ def test_no_proposals_gives_empty_detections():
         dets = model.roi_head.predict(feats, [torch.zeros(0, 4)] * 2, batch.image_shapes, batch.scale_factors)
     for d in dets:
         assert d.boxes.shape == (0, 4) and d.scores.shape == (0,) and d.mask_probs.shape == (0, 28, 28)
+
+
+def test_fixed_capacity_mask_branch_equals_compact():
+    """The mask branch at its fixed capacity (the GPU path: padded slots with zero weight) gives
+    the losses of the compact one (only the positives), and the whole step syncs nothing."""
+    from htc_fast.diagnostics import count_ops
+
+    model = tiny_model().train()
+    batch, targets = tiny_batch()
+    losses = {}
+    for static in (False, True):
+        model.roi_head.static_shapes = static
+        with count_ops() as c:
+            losses[static] = {k: v.detach() for k, v in model(batch, targets, sampler="first-k").as_dict().items()}
+        if static:
+            assert c.syncs == 0, c.report()
+    for k, v in losses[False].items():
+        torch.testing.assert_close(losses[True][k], v, rtol=1e-5, atol=1e-7, msg=k)
