@@ -110,7 +110,9 @@ HTC_HD int64_t corner_index(const Tap<T>& t, int c, int64_t width) {
 // The four corner values of `plane` (H * W values of one channel) at the tap; 0 outside the map.
 template <typename T, typename scalar_t>
 HTC_HD void load_corners(const scalar_t* plane, const Tap<T>& t, int64_t height, int64_t width, T v[4]) {
+#if defined(__CUDACC__)  // g++ would warn on the unknown pragma
 #pragma unroll
+#endif
   for (int c = 0; c < 4; ++c)
     v[c] = corner_inside(t, c, height, width) ? static_cast<T>(plane[corner_index(t, c, width)]) : T(0);
 }
@@ -119,7 +121,9 @@ HTC_HD void load_corners(const scalar_t* plane, const Tap<T>& t, int64_t height,
 template <typename T>
 HTC_HD T interpolate(const Tap<T>& t, const T v[4]) {
   T r = corner_weight(t, 0) * v[0];
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int c = 1; c < 4; ++c) r += corner_weight(t, c) * v[c];
   return r;
 }
