@@ -22,7 +22,6 @@ the `nvidia-*` pip wheels installed with torch, so their include folders go on t
 import glob
 import os
 import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup

@@ -108,7 +108,7 @@ def function_lines(header_text, names):
     lines = header_text.splitlines()
     ranges = {}
     for name in names:
-        start = next((i for i, l in enumerate(lines) if re.search(rf"\b{name}\(", l) and "HTC_HD" in l), None)
+        start = next((i for i, text in enumerate(lines) if re.search(rf"\b{name}\(", text) and "HTC_HD" in text), None)
         if start is None:
             raise ValueError(f"function {name} not found in the FMA helper header")
         depth, seen = 0, False
@@ -144,7 +144,7 @@ def fusable_ops(ptx, header_path, ranges):
     return checked, bad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup_py():
     """setup.py as a module (its __main__ guard keeps it from building): the build's own helpers."""
     spec = importlib.util.spec_from_file_location("htc_fast_setup", os.path.join(ROOT, "setup.py"))

@@ -3,9 +3,9 @@ and DCN backwards accumulate with atomics and raise (as torchvision's); the CPU 
 deterministic and run."""
 import pytest
 import torch
-from tests.support import require_backend
 
 import htc_fast.ops  # noqa: F401  (loads htc_fast._C, which registers the operators)
+from tests.support import require_backend
 
 C = torch.ops.htc_fast
 

@@ -10,10 +10,10 @@ import random
 
 import pytest
 import torch
-from tests.ops.test_nms import nms_inputs, per_class_loop, random_boxes, tied
-from tests.support import require_backend
 
 import htc_fast.ops  # noqa: F401  (loads htc_fast._C, which registers the operator)
+from tests.ops.test_nms import nms_inputs, per_class_loop, random_boxes, tied
+from tests.support import require_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 
