@@ -7,8 +7,9 @@ weights like OpenCV's (mmdetection's `cv2.resize`); fixed-point implementations 
 PyTorch's) differ from the exact float computation (`resize_float`) by one grey level on some
 pixels.
 """
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def as_image_tensor(image: ImageLike) -> Tensor:
     raise TypeError(f"expected an image path, array or tensor, got {type(image).__name__}")
 
 
-def rescale_size(height: int, width: int, scale: Tuple[int, int] = (1333, 800)) -> Tuple[int, int]:
+def rescale_size(height: int, width: int, scale: tuple[int, int] = (1333, 800)) -> tuple[int, int]:
     """mmcv's keep-ratio rescale: factor = min(long_max / long, short_max / short), sides
     int(side * factor + 0.5). Returns (new_h, new_w)."""
     long_max, short_max = max(scale), min(scale)
@@ -55,7 +56,7 @@ def rescale_size(height: int, width: int, scale: Tuple[int, int] = (1333, 800)) 
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
+def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     """(3, h, w) uint8 -> (3, H, W) uint8, bilinear (half-pixel centres, no antialias).
 
     On the CPU this is PyTorch's uint8 kernel (fixed-point weights, integer accumulation, like
@@ -72,7 +73,7 @@ def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
     return F.interpolate(batched, size=size, mode="bilinear", align_corners=False, antialias=False)[0]
 
 
-def resize_float(image: Tensor, size: Tuple[int, int]) -> Tensor:
+def resize_float(image: Tensor, size: tuple[int, int]) -> Tensor:
     """The float computation `resize` approximates: interpolate in float32, round half to even,
     clamp to 0..255, back to uint8. Works on any device and on (N, 3, h, w) batches."""
     batched = image if image.dim() == 4 else image[None]
@@ -81,7 +82,7 @@ def resize_float(image: Tensor, size: Tuple[int, int]) -> Tensor:
     return out if image.dim() == 4 else out[0]
 
 
-def make_batch(images: Sequence[ImageLike], scale: Tuple[int, int] = (1333, 800), size_divisor: int = 32,
+def make_batch(images: Sequence[ImageLike], scale: tuple[int, int] = (1333, 800), size_divisor: int = 32,
                device=None) -> ImageBatch:
     """Preprocess images (paths, arrays or tensors) into one padded, normalised ImageBatch."""
     if len(images) == 0:

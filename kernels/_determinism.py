@@ -16,6 +16,6 @@ def alert_not_deterministic(caller: str) -> None:
                "adds), but you set 'torch.use_deterministic_algorithms(True)'. Use another backend "
                "(backend=\"cpp\" on CPU, \"reference\") or turn the check off.")
     if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=3)
     else:
         raise RuntimeError(message)

@@ -1,8 +1,8 @@
 """Deformable convolution v1 / modulated v2 as Triton kernels, registered as ``htc_fast::*_triton``.
 
 Owns the implicit-GEMM forward and the ``torch.library.triton_op`` registrations with autograd.
-Argument checking and the backend choice live in ``htc_fast/ops/deform_conv.py``; the semantics (the spec every backend follows) in
-``htc_fast/ops/reference/deform_conv.py``; the sampling arithmetic mirrors
+Argument checking and the backend choice live in ``htc_fast/ops/deform_conv.py``; the semantics
+(the spec every backend follows) in ``htc_fast/ops/reference/deform_conv.py``; the sampling arithmetic mirrors
 ``csrc/deform_conv/deform_conv_common.h``.
 
 Math. Rows r = n * P + ho * Wo + wo (P = Ho * Wo) flatten (image, output position), so a tile may
@@ -58,9 +58,19 @@ from torch.library import triton_op, wrap_triton
 
 from htc_fast.kernels._device import on_device
 from htc_fast.kernels.deform_conv_backward import deform_conv2d_backward_triton
-from htc_fast.kernels.deform_conv_common import (GEOMETRY_ARGS, _INTERPRETED, _columns, _operand,
-                                                 TWO_CTAS_PER_SM, _rows, block, gemm_config,
-                                                 geometry, strides, tile_class)
+from htc_fast.kernels.deform_conv_common import (
+    _INTERPRETED,
+    GEOMETRY_ARGS,
+    TWO_CTAS_PER_SM,
+    _columns,
+    _operand,
+    _rows,
+    block,
+    gemm_config,
+    geometry,
+    strides,
+    tile_class,
+)
 from htc_fast.ops.deform_conv import register_deform_conv_autograd
 
 __all__ = ["deform_conv2d_triton", "deform_conv2d_backward_triton"]

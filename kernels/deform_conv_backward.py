@@ -23,9 +23,21 @@ from torch.library import triton_op, wrap_triton
 
 from htc_fast.kernels._determinism import alert_not_deterministic
 from htc_fast.kernels._device import on_device
-from htc_fast.kernels.deform_conv_common import (GEOMETRY_ARGS, _INTERPRETED, TWO_CTAS_PER_SM,
-                                                 _columns, _corner_masks, _operand, _rows, _tap,
-                                                 block, gemm_config, geometry, strides, tile_class)
+from htc_fast.kernels.deform_conv_common import (
+    _INTERPRETED,
+    GEOMETRY_ARGS,
+    TWO_CTAS_PER_SM,
+    _columns,
+    _corner_masks,
+    _operand,
+    _rows,
+    _tap,
+    block,
+    gemm_config,
+    geometry,
+    strides,
+    tile_class,
+)
 
 __all__ = ["deform_conv2d_backward_triton"]
 

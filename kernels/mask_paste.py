@@ -12,7 +12,8 @@ division: tl.div_rn) and mask coordinate u = fma(gx + 1, Mw / 2, -0.5); taps flo
 floor(u) + 1 with weights 1 - frac and frac, a tap outside [0, Mw) reading 0; same for y. The value
 interpolates along x, then along y (``bilinear`` in the header): (nw*e + ne*w)*s + (sw*e + se*w)*n
 in float32 (the compiler may contract these into FMAs: a float32 ulp, far inside the tests' 1e-6),
-and the pixel is set when it is >= the threshold (float32). Boxes that are not finite or have a non-positive float32 size paste nothing.
+and the pixel is set when it is >= the threshold (float32). Boxes that are not finite or have a
+non-positive float32 size paste nothing.
 
 Grid mapping: axis 1 = box (launched in chunks of 65535 boxes, the CUDA limit of that axis),
 axis 0 = tiles of BLOCK_Y x BLOCK_X pixels of that box's window (from the windows tensor). The grid

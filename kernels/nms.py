@@ -55,7 +55,6 @@ from torch.library import triton_op, wrap_triton
 
 from htc_fast.kernels._device import on_device
 from htc_fast.kernels._math import div_rn
-
 from htc_fast.ops.reference.nms import _threshold_as
 
 __all__ = ["nms_triton", "batched_nms_triton", "batched_nms_padded_triton"]

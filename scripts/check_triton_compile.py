@@ -11,8 +11,8 @@ shared memory from the kernel's metadata.
 
 Fails (exit status 1) on: a compile error, any stack or local memory (register spills), registers
 above the kernel's ceiling (``MAX_REGS`` next to its launch in kernels/*.py: the occupancy it aims
-for; an int, or a dict by num_warps), a compiled kernel without a ceiling, and an ``fma.rn`` in the PTX of a kernel that must round
-every operation (RoIAlign: the roi scaling and bin starts decide ceil(roi / P)).
+for; an int, or a dict by num_warps), a compiled kernel without a ceiling, and an ``fma.rn`` in
+the PTX of a kernel that must round every operation (RoIAlign: the roi scaling and bin starts decide ceil(roi / P)).
 
 Run it as its own process: it replaces Triton's active driver and JITFunction.run for good, and
 TRITON_INTERPRET must be unset (the interpreter compiles nothing).

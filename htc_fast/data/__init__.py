@@ -27,11 +27,24 @@ from htc_fast.data.device_decode import EncodedImage, decode_batch
 from htc_fast.data.image_decode import decode_rgb, read_rgb
 from htc_fast.data.mask_crops import MaskCrops
 from htc_fast.data.report import DatasetReport
-from htc_fast.data.samplers import (GroupedBatchSampler, InferenceSampler, build_test_loader, build_train_loader,
-                                    coco_test_dataset, coco_train_dataset)
+from htc_fast.data.samplers import (
+                                    GroupedBatchSampler,
+                                    InferenceSampler,
+                                    build_test_loader,
+                                    build_train_loader,
+                                    coco_test_dataset,
+                                    coco_train_dataset,
+)
 from htc_fast.data.semantic import IGNORE_INDEX, MissingStuffMapError, load_stuff_map, semantic_from_instances
-from htc_fast.data.transforms import (TestTransform, TrainTransform, draw_train_scale, flip_boxes, flip_sample,
-                                      resize_nearest, resize_sample)
+from htc_fast.data.transforms import (
+                                    TestTransform,
+                                    TrainTransform,
+                                    draw_train_scale,
+                                    flip_boxes,
+                                    flip_sample,
+                                    resize_nearest,
+                                    resize_sample,
+)
 
 __all__ = [
     "BadSampleError", "CocoDetection", "DatasetReport", "Sample", "decode_segmentation",

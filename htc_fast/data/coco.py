@@ -24,9 +24,10 @@ Images whose file is missing are left out (counted; `check_files=False` defers t
 import json
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from htc_fast.data.raster import decode_rle
 from htc_fast.data.report import EXAMPLES_PER_REASON, DatasetReport
 from htc_fast.data.semantic import ThingIds, load_stuff_map, semantic_from_instances
 
-Key = Union[int, Tuple[int, int, int]]  # index, or (index, seed, epoch) from the train sampler
+Key = Union[int, tuple[int, int, int]]  # index, or (index, seed, epoch) from the train sampler
 
 
 class BadSampleError(RuntimeError):
@@ -63,20 +64,20 @@ class Sample:
     semantic: Optional[Tensor]
     image_id: int
     file_name: str
-    original_shape: Tuple[int, int]
-    scale_factor: Tuple[float, float] = (1.0, 1.0)
+    original_shape: tuple[int, int]
+    scale_factor: tuple[float, float] = (1.0, 1.0)
     flipped: bool = False
     semantic_stride: int = 1
 
     @property
-    def image_shape(self) -> Tuple[int, int]:
+    def image_shape(self) -> tuple[int, int]:
         return int(self.image.shape[1]), int(self.image.shape[2])
 
 
 @dataclass
 class _Instance:
     ann_id: object  # the json's id (reported in messages)
-    box: Tuple[float, float, float, float]
+    box: tuple[float, float, float, float]
     label: int
     category_id: int
     segmentation: object
@@ -90,7 +91,7 @@ class _ImageRecord:
     file_name: str
     height: int
     width: int
-    instances: List[_Instance] = field(default_factory=list)
+    instances: list[_Instance] = field(default_factory=list)
 
     @property
     def num_targets(self) -> int:
@@ -200,8 +201,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     # -- construction -------------------------------------------------------------------------
 
-    def _parse(self, data: dict) -> List[_ImageRecord]:
-        records: Dict[int, _ImageRecord] = {}
+    def _parse(self, data: dict) -> list[_ImageRecord]:
+        records: dict[int, _ImageRecord] = {}
         for img in data["images"]:
             try:
                 rec = _ImageRecord(int(img["id"]), str(img["file_name"]), int(img["height"]), int(img["width"]))
@@ -250,7 +251,7 @@ class CocoDetection(torch.utils.data.Dataset):
                                            int(ann["category_id"]), seg, crowd, float(area)))
         return list(records.values())
 
-    def _filter(self, records, filter_empty: bool, min_size: int, check_files: bool) -> List[_ImageRecord]:
+    def _filter(self, records, filter_empty: bool, min_size: int, check_files: bool) -> list[_ImageRecord]:
         rep, kept = self.report, []
         for rec in records:
             if filter_empty and rec.num_targets == 0:
@@ -280,18 +281,18 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.records)
 
     @property
-    def image_ids(self) -> List[int]:
+    def image_ids(self) -> list[int]:
         return [r.image_id for r in self.records]
 
     @property
-    def group_flags(self) -> List[int]:
+    def group_flags(self) -> list[int]:
         """Aspect-ratio group of each image: 0 when w >= h (landscape), 1 when w < h."""
         return list(self._flags)
 
     def stuff_map_path(self, rec: _ImageRecord) -> Path:
         return self.stuff_dir / (rec.file_name.rsplit(".", 1)[0] + ".png")
 
-    def load(self, index: int, scale: Optional[Tuple[int, int]] = None, flip: bool = False) -> Sample:
+    def load(self, index: int, scale: Optional[tuple[int, int]] = None, flip: bool = False) -> Sample:
         """Sample `index` at its original size (`scale` None: the reference path), or resized into
         `scale` and mirrored when `flip` (`resized_sample.load_resized`, the fast path);
         `BadSampleError` naming the file when it cannot."""
@@ -349,7 +350,7 @@ class CocoDetection(torch.utils.data.Dataset):
             out[k] = torch.from_numpy(self.decode_instance(rec, inst)) != 0
         return out
 
-    def try_load(self, index: int, scale: Optional[Tuple[int, int]] = None, flip: bool = False) -> Optional[Sample]:
+    def try_load(self, index: int, scale: Optional[tuple[int, int]] = None, flip: bool = False) -> Optional[Sample]:
         """`load(index, scale, flip)`, or None with a warning naming the file when it fails."""
         try:
             return self.load(index, scale, flip)

@@ -12,9 +12,9 @@ are when `inputs` / `targets` are first read: after `batch.to("cuda")` that is o
 mmdetection's data preprocessor normalises there), so the workers do no float work, write no
 zeros, and share and copy a fraction of the bytes.
 """
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ def _pin(t: Tensor) -> Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def normalize_into_batch(images: Sequence[Tensor], padded: Tuple[int, int], mean=MEAN, std=STD) -> Tensor:
+def normalize_into_batch(images: Sequence[Tensor], padded: tuple[int, int], mean=MEAN, std=STD) -> Tensor:
     """(3, h_i, w_i) uint8 images (one device) -> (N, 3, H, W) float32 there, `padded` = (H, W):
     (x - mean) / std inside each image, 0 in the padding (bit for bit what `batch_images` gives).
     The statistics are Python floats: no host-to-device copy, no synchronisation."""
@@ -46,20 +46,21 @@ def normalize_into_batch(images: Sequence[Tensor], padded: Tuple[int, int], mean
 @dataclass(frozen=True)
 class TrainBatch:
     """A training batch. images: per image (3, h, w) uint8 RGB; padded_shape: (H, W), the common
-    multiple of the size divisor the model's batch is padded to; image_shapes / scale_factors / original_shapes as in `ImageBatch`; ground_truth: the
-    model's `Targets` except that masks may be `MaskCrops`; image_ids; ignore_boxes: per image
-    (K, 4) crowd boxes; mean / std: the normalisation. `inputs` (the model's ImageBatch) and
-    `targets` (dense masks) are built on the batch's device when first read."""
-    images: List[Tensor]
-    padded_shape: Tuple[int, int]
-    image_shapes: List[Tuple[int, int]]
-    scale_factors: List[Tuple[float, float]]
-    original_shapes: List[Tuple[int, int]]
+    multiple of the size divisor the model's batch is padded to; image_shapes / scale_factors /
+    original_shapes as in `ImageBatch`; ground_truth: the model's `Targets` except that masks may
+    be `MaskCrops`; image_ids; ignore_boxes: per image (K, 4) crowd boxes; mean / std: the
+    normalisation. `inputs` (the model's ImageBatch) and `targets` (dense masks) are built on the
+    batch's device when first read."""
+    images: list[Tensor]
+    padded_shape: tuple[int, int]
+    image_shapes: list[tuple[int, int]]
+    scale_factors: list[tuple[float, float]]
+    original_shapes: list[tuple[int, int]]
     ground_truth: Targets
-    image_ids: List[int]
-    ignore_boxes: List[Tensor]
-    mean: Tuple[float, float, float] = MEAN
-    std: Tuple[float, float, float] = STD
+    image_ids: list[int]
+    ignore_boxes: list[Tensor]
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
 
     @cached_property
     def inputs(self) -> ImageBatch:
@@ -83,8 +84,9 @@ class TrainBatch:
         targets = Targets([fn(b) for b in t.boxes], [fn(x) for x in t.labels],
                           [m.to_device(fn) if isinstance(m, MaskCrops) else fn(m) for m in t.masks],
                           None if t.semantic is None else fn(t.semantic))
-        return TrainBatch([(image_fn or fn)(x) for x in self.images], self.padded_shape, self.image_shapes, self.scale_factors, self.original_shapes, targets,
-                          self.image_ids, [fn(b) for b in self.ignore_boxes], self.mean, self.std)
+        return TrainBatch([(image_fn or fn)(x) for x in self.images], self.padded_shape, self.image_shapes,
+                          self.scale_factors, self.original_shapes, targets, self.image_ids,
+                          [fn(b) for b in self.ignore_boxes], self.mean, self.std)
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         return self._map(lambda x: x.to(device, non_blocking=non_blocking))
@@ -98,7 +100,7 @@ class TestBatch:
     """inputs for the model and the COCO image ids of its images (for evaluation)."""
     __test__ = False  # not a pytest class
     inputs: ImageBatch
-    image_ids: List[int]
+    image_ids: list[int]
 
     def __iter__(self) -> Iterator:
         return iter((self.inputs, self.image_ids))
@@ -114,7 +116,7 @@ class TestBatch:
                          self.image_ids)
 
 
-def padded_size(shapes: Sequence[Tuple[int, int]], size_divisor: int) -> Tuple[int, int]:
+def padded_size(shapes: Sequence[tuple[int, int]], size_divisor: int) -> tuple[int, int]:
     ph = -(-max(s[0] for s in shapes) // size_divisor) * size_divisor
     pw = -(-max(s[1] for s in shapes) // size_divisor) * size_divisor
     return ph, pw

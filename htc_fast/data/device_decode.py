@@ -17,8 +17,9 @@ grey levels.
 """
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from PIL import Image
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from htc_fast.data.image_decode import decode_rgb, exif_orientation
 from htc_fast.preprocess import resize
+
 
 @dataclass(frozen=True)
 class EncodedImage:
@@ -35,14 +37,14 @@ class EncodedImage:
     decodes it. `shape` is the decoded result's."""
     data: Tensor
     name: str
-    original_shape: Tuple[int, int]
-    size: Tuple[int, int]
+    original_shape: tuple[int, int]
+    size: tuple[int, int]
     flip: bool
     device_decodable: bool
     device: Optional[torch.device] = None
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         return (3, *self.size)
 
     def to(self, device, non_blocking: bool = False) -> "EncodedImage":
@@ -53,7 +55,7 @@ class EncodedImage:
         return self
 
 
-def encode_image(data: bytes, name: str, expected_hw: Tuple[int, int], size: Tuple[int, int], flip: bool,
+def encode_image(data: bytes, name: str, expected_hw: tuple[int, int], size: tuple[int, int], flip: bool,
                  device: Union[str, torch.device, None]) -> EncodedImage:
     """Wrap a file's bytes after reading its header only (Pillow, no pixel decoding): ValueError
     naming the file when it is not an image or its upright size is not `expected_hw`."""
@@ -73,7 +75,7 @@ def encode_image(data: bytes, name: str, expected_hw: Tuple[int, int], size: Tup
                         None if device is None else torch.device(device))
 
 
-def _decode_jpegs(images: Sequence[EncodedImage], device: torch.device) -> List[Optional[Tensor]]:
+def _decode_jpegs(images: Sequence[EncodedImage], device: torch.device) -> list[Optional[Tensor]]:
     """Decoded (3, h, w) uint8 on `device`, None where the batched decoder refused the file."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -91,13 +93,13 @@ def _decode_jpegs(images: Sequence[EncodedImage], device: torch.device) -> List[
             return out
 
 
-def decode_batch(images: Sequence[EncodedImage], device: Union[str, torch.device, None] = None) -> List[Tensor]:
+def decode_batch(images: Sequence[EncodedImage], device: Union[str, torch.device, None] = None) -> list[Tensor]:
     """Per image (3, H, W) uint8 on `device` (default: each image's own, else the CPU): decoded,
     mirrored when asked, resized to its `size`. ValueError naming the file when one cannot be
     decoded (Pillow's message) or decodes to another size than its header said."""
     device = torch.device(device if device is not None else (images[0].device or "cpu"))
     jpegs = [k for k, x in enumerate(images) if x.device_decodable]
-    decoded: List[Optional[Tensor]] = [None] * len(images)
+    decoded: list[Optional[Tensor]] = [None] * len(images)
     if jpegs:
         for k, out in zip(jpegs, _decode_jpegs([images[k] for k in jpegs], device)):
             decoded[k] = out

@@ -6,8 +6,8 @@ zeros costs more than rasterising the polygons. `MaskCrops` keeps only each mask
 dense tensor is built by `dense()` on the device the crops were moved to (after
 `TrainBatch.to("cuda")`: a GPU memset and G small copies).
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,19 +22,19 @@ class MaskCrops:
     set pixels (Python ints: read without touching the device); data: (sum of window areas,)
     uint8 0/1, each window's pixels in column-major order (x outer, y inner: pycocotools' order),
     one window after the other."""
-    size: Tuple[int, int]
-    windows: List[Tuple[int, int, int, int]]
+    size: tuple[int, int]
+    windows: list[tuple[int, int, int, int]]
     data: Tensor
 
     @staticmethod
-    def from_columns(size: Tuple[int, int], windows: Sequence[Tuple[int, int, int, int]],
+    def from_columns(size: tuple[int, int], windows: Sequence[tuple[int, int, int, int]],
                      crops: Sequence[np.ndarray]) -> "MaskCrops":
         """From per-window (x1 - x0, y1 - y0) uint8 arrays (a window's columns, one per row)."""
         flat = np.concatenate([c.reshape(-1) for c in crops]) if crops else np.zeros(0, np.uint8)
         return MaskCrops(tuple(size), [tuple(int(v) for v in win) for win in windows], torch.from_numpy(flat))
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         return (len(self.windows), *self.size)
 
     def __len__(self) -> int:

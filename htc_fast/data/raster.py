@@ -17,10 +17,9 @@ resizing them (`transforms.resize_sample`, the reference path).
     columns 0, s, 2s, ... of the resized (flipped) map, gathered straight from the original
     stuff map -- bit-identical to the reference for stuff maps.
 """
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
@@ -40,8 +39,8 @@ def nearest_source_index(src: int, dst: int, step: int = 1, flip: bool = False) 
     return np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), src - 1)
 
 
-def polygon_crops(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[float, float],
-                  size: Tuple[int, int], flip: bool = False) -> MaskCrops:
+def polygon_crops(instances: Sequence[Sequence[Sequence[float]]], scale: tuple[float, float],
+                  size: tuple[int, int], flip: bool = False) -> MaskCrops:
     """G polygon instances (each a list of flat [x0, y0, x1, y1, ...] polygons in original
     pixels), scaled by `scale` = (w_scale, h_scale), mirrored (x' = W - x) when `flip`, rasterised
     at `size` = (H, W) by pycocotools, as `MaskCrops`.
@@ -71,8 +70,8 @@ def polygon_crops(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[f
     return MaskCrops.from_columns(size, windows, crops)
 
 
-def rasterise_polygons(instances: Sequence[Sequence[Sequence[float]]], scale: Tuple[float, float],
-                       size: Tuple[int, int], flip: bool = False) -> Tensor:
+def rasterise_polygons(instances: Sequence[Sequence[Sequence[float]]], scale: tuple[float, float],
+                       size: tuple[int, int], flip: bool = False) -> Tensor:
     """(G, H, W) bool: `polygon_crops(...)` made dense."""
     return polygon_crops(instances, scale, size, flip).dense()
 
@@ -93,7 +92,7 @@ def decode_rle(seg: dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode([rle])[:, :, 0]
 
 
-def sample_grid(full: np.ndarray, size: Tuple[int, int], step: int = 1, flip: bool = False) -> np.ndarray:
+def sample_grid(full: np.ndarray, size: tuple[int, int], step: int = 1, flip: bool = False) -> np.ndarray:
     """(..., h, w) array at the original size -> its nearest resize to `size` = (H, W), mirrored
     when `flip`, sampled every `step` pixels: (..., ceil(H / step), ceil(W / step))."""
     rows = nearest_source_index(full.shape[-2], size[0], step)

@@ -1,7 +1,6 @@
 """What building a `CocoDetection` found: images kept and left out, annotations dropped and why."""
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List
 
 EXAMPLES_PER_REASON = 5
 
@@ -19,7 +18,7 @@ class DatasetReport:
     instances: int = 0
     crowd: int = 0
     dropped: Counter = field(default_factory=Counter)
-    examples: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def note(self, reason: str, message: str) -> None:
         self.dropped[reason] += 1

@@ -8,7 +8,7 @@ the image is resized on uint8 (`preprocess.resize`), polygons are rasterised at 
 up to one grey level in the image (uint8 vs float resize) and boundary pixels of polygon masks.
 """
 import warnings
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ def rgb_tensor(array: np.ndarray) -> Tensor:
         return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def resized_image(array: np.ndarray, size: Tuple[int, int], flip: bool) -> Tensor:
+def resized_image(array: np.ndarray, size: tuple[int, int], flip: bool) -> Tensor:
     """(3, H, W) uint8 (channels-last memory) of a decoded (h, w, 3) image resized to `size`,
     mirrored when `flip`. The source is mirrored before resizing (fewer pixels to move): the
     bilinear sampling positions are symmetric, so this is the resized image mirrored (the tests
@@ -68,7 +68,7 @@ def _encoded(ds: "CocoDetection", rec, size, flip) -> EncodedImage:
         raise BadSampleError(f"image {rec.image_id}: {exc}") from exc
 
 
-def load_resized(ds: "CocoDetection", index: int, scale: Tuple[int, int], flip: bool) -> "Sample":
+def load_resized(ds: "CocoDetection", index: int, scale: tuple[int, int], flip: bool) -> "Sample":
     """Sample `index` of `ds` resized with mmcv's keep-ratio rule into `scale` (long max, short
     max) and mirrored when `flip`; `BadSampleError` naming the file when it cannot be loaded.
     The semantic map (if any) is at `ds.semantic_stride` (`Sample.semantic_stride`); the masks

@@ -16,9 +16,10 @@ Folder layout (mmdetection's): `root/annotations/instances_{train,val}2017.json`
 `root/{train,val}2017/*.jpg`, `root/stuffthingmaps/train2017/*.png` (COCO-stuff, for the semantic
 branch).
 """
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -34,7 +35,7 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
 
 
-class GroupedBatchSampler(Sampler[List[Tuple[int, int, int]]]):
+class GroupedBatchSampler(Sampler[list[tuple[int, int, int]]]):
     """Aspect-ratio-grouped, distributed, epoch-seeded batches of `(index, seed, epoch)` keys.
 
     Args:
@@ -59,7 +60,7 @@ class GroupedBatchSampler(Sampler[List[Tuple[int, int, int]]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _global_batches(self) -> List[torch.Tensor]:
+    def _global_batches(self) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         span = self.batch_size * self.world_size
         batches = []
@@ -75,7 +76,7 @@ class GroupedBatchSampler(Sampler[List[Tuple[int, int, int]]]):
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         lo = self.rank * self.batch_size
         for batch in self._global_batches():
             yield [(i, self.seed, self.epoch) for i in batch[lo:lo + self.batch_size].tolist()]

@@ -18,8 +18,9 @@ the contiguous label 0..79 (for heads with fewer classes, e.g. `htc_tiny`). Inst
 largest first so that small objects lying on large ones stay visible; crowd regions are painted
 too (their pixels do belong to the category).
 """
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

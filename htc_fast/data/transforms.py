@@ -22,7 +22,7 @@ reproducibility. The rules below are mmdetection's (2.x and 3.x agree):
     [low, high] (`np.random.randint(low, high + 1)`), long side capped at `train_scale[0]`.
 """
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from htc_fast.data.coco import Sample
 from htc_fast.preprocess import rescale_size, resize
 
 
-def resize_nearest(x: Tensor, size: Tuple[int, int]) -> Tensor:
+def resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
     """(..., h, w) bool/uint8 -> (..., H, W), nearest (src = floor(dst * h / H))."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x.clone()
@@ -46,7 +46,7 @@ def resize_nearest(x: Tensor, size: Tuple[int, int]) -> Tensor:
     return out.reshape(*lead, *size).to(x.dtype)
 
 
-def resize_boxes(boxes: Tensor, scale_factor: Tuple[float, float], size: Tuple[int, int]) -> Tensor:
+def resize_boxes(boxes: Tensor, scale_factor: tuple[float, float], size: tuple[int, int]) -> Tensor:
     """(G, 4) xyxy scaled by (w_scale, h_scale) and clipped to size (h, w)."""
     w_scale, h_scale = scale_factor
     out = boxes * boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
@@ -63,7 +63,7 @@ def flip_boxes(boxes: Tensor, width: int) -> Tensor:
     return out
 
 
-def resize_sample(sample: Sample, scale: Tuple[int, int]) -> Sample:
+def resize_sample(sample: Sample, scale: tuple[int, int]) -> Sample:
     """Keep-ratio resize into `scale` (long max, short max); scale factors are new/old per axis."""
     if sample.semantic_stride != 1:
         raise ValueError(f"resize_sample needs a full semantic map, got one sampled every "
@@ -95,7 +95,7 @@ def flip_sample(sample: Sample) -> Sample:
         flipped=not sample.flipped)
 
 
-def draw_train_scale(cfg: DataConfig, rng: np.random.Generator) -> Tuple[int, int]:
+def draw_train_scale(cfg: DataConfig, rng: np.random.Generator) -> tuple[int, int]:
     """The (long max, short) scale of one training image: `train_scale`, or in range mode a short
     side uniform in the integers of `train_short_range` with the long side <= `train_scale[0]`."""
     if not cfg.train_short_range:
@@ -110,7 +110,7 @@ class TrainTransform:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
-    def draw(self, rng: np.random.Generator) -> Tuple[Tuple[int, int], bool]:
+    def draw(self, rng: np.random.Generator) -> tuple[tuple[int, int], bool]:
         """The random part: (scale, flip), drawn in this order (what `__call__` applies)."""
         scale = draw_train_scale(self.cfg, rng)
         return scale, bool(rng.random() < self.cfg.flip_prob)
@@ -128,7 +128,7 @@ class TestTransform:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
-    def draw(self, rng: Optional[np.random.Generator] = None) -> Tuple[Tuple[int, int], bool]:
+    def draw(self, rng: Optional[np.random.Generator] = None) -> tuple[tuple[int, int], bool]:
         return tuple(self.cfg.test_scale), False
 
     def __call__(self, sample: Sample, rng: Optional[np.random.Generator] = None) -> Sample:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from htc_fast.data import BadSampleError, CocoDetection, TrainTransform
 from htc_fast.config import DataConfig
+from htc_fast.data import BadSampleError, CocoDetection, TrainTransform
 from tests.data_pipeline import ANN_FILE, IMAGE_DIR, load_json, write_json
 
 

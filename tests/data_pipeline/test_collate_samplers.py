@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from htc_fast.config import DataConfig
-from htc_fast.data import (CocoDetection, GroupedBatchSampler, InferenceSampler, TestTransform, TrainBatch,
-                           TrainTransform, build_test_loader, build_train_loader, collate_train)
+from htc_fast.data import (
+    CocoDetection,
+    GroupedBatchSampler,
+    InferenceSampler,
+    TestTransform,
+    TrainBatch,
+    TrainTransform,
+    build_test_loader,
+    build_train_loader,
+    collate_train,
+)
 from htc_fast.model.inputs import ImageBatch, Targets
 from htc_fast.preprocess import MEAN, STD, make_batch
 from tests.data_pipeline import ANN_FILE, EMPTY_IMAGE_ID, IMAGE_DIR

@@ -150,8 +150,8 @@ def test_cmyk_and_grayscale_jpegs():
 
 # EXIF Orientation -> how the stored pixels are shown upright (EXIF 2.3, tag 0x0112)
 UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
-           8: lambda a: np.rot90(a, 1)}
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
 
 
 @pytest.mark.parametrize("orientation", sorted(UPRIGHT))

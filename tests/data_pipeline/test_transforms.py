@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from htc_fast.config import DataConfig, htc_x101_64x4d_fpn_dconv_c3_c5_mstrain_400_1400_16x1_20e
-from htc_fast.data import (CocoDetection, Sample, TestTransform, TrainTransform, draw_train_scale, flip_boxes,
-                           flip_sample, resize_nearest, resize_sample)
+from htc_fast.data import (
+    CocoDetection,
+    Sample,
+    TestTransform,
+    TrainTransform,
+    draw_train_scale,
+    flip_boxes,
+    flip_sample,
+    resize_nearest,
+    resize_sample,
+)
 from htc_fast.data.mask_crops import MaskCrops
 from htc_fast.preprocess import make_batch, rescale_size
 from tests.data_pipeline import ANN_FILE, IMAGE_DIR

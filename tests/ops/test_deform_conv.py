@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 import torchvision
-from tests.ops.naive_deform_conv import naive_deform_conv2d, out_size, random_offsets, with_layout
-from tests.support import BACKENDS, LOW_PRECISION_FACTOR, TOL
 
 from htc_fast import ops
+from tests.ops.naive_deform_conv import naive_deform_conv2d, out_size, random_offsets, with_layout
+from tests.support import BACKENDS, LOW_PRECISION_FACTOR, TOL
 
 DEFAULTS = dict(n=2, c=4, h=5, w=6, co=4, k=(3, 3), stride=1, padding=1, dilation=1, groups=1, dg=1,
                 v2=False, bias=True, offsets="normal", scale=1.5, layout="contiguous")
@@ -225,7 +225,8 @@ BAD_ARGUMENTS = {
     # name: (changes to a good call, exception type, a regex the message must match)
     "offset_channels": (_with(offset=torch.randn(2, 35, 5, 6)), ValueError, r"offset.*2 \* offset_groups"),
     "input_channels_vs_weight": (_with(input=torch.randn(2, 5, 5, 6)), ValueError, r"input has 5 channels.*weight"),
-    "out_channels_vs_groups": (_with(weight=torch.randn(5, 2, 3, 3)), ValueError, r"weight has 5 output channels.*groups"),
+    "out_channels_vs_groups": (_with(weight=torch.randn(5, 2, 3, 3)), ValueError,
+                               r"weight has 5 output channels.*groups"),
     "channels_vs_offset_groups": (_with(offset=torch.randn(2, 54, 5, 6), mask=None), ValueError, r"offset groups"),
     "offset_spatial": (_with(offset=torch.randn(2, 36, 5, 5)), ValueError, r"offset must have shape"),
     "offset_batch": (_with(offset=torch.randn(1, 36, 5, 6)), ValueError, r"offset must have shape"),
@@ -235,7 +236,8 @@ BAD_ARGUMENTS = {
     "bias_shape": (_with(bias=torch.randn(5)), ValueError, r"bias must have shape"),
     "weight_dtype": (_with(weight=torch.randn(6, 2, 3, 3, dtype=torch.float64)), TypeError, r"weight is torch.float64"),
     "bias_dtype": (_with(bias=torch.randn(6, dtype=torch.float64)), TypeError, r"bias is torch.float64"),
-    "integer_input": (_with(input=torch.ones(2, 4, 5, 6, dtype=torch.int64)), TypeError, r"input must be floating point"),
+    "integer_input": (_with(input=torch.ones(2, 4, 5, 6, dtype=torch.int64)), TypeError,
+                      r"input must be floating point"),
     "input_3d": (_with(input=torch.randn(4, 5, 6)), ValueError, r"input must be 4-D"),
     "offset_not_tensor": (_with(offset=[[0.0]]), TypeError, r"offset must be a Tensor"),
     "offset_device": (_with(offset=torch.randn(2, 36, 5, 6, device="meta")), ValueError, r"offset is on meta"),

@@ -6,12 +6,12 @@ low-precision backward and autocast. Forward parity and argument errors: test_de
 import pytest
 import torch
 import torchvision
-from tests.ops.naive_deform_conv import random_offsets
-from tests.ops.test_deform_conv import make_problem, run
-from tests.support import LOW_PRECISION_FACTOR, TOL, require_backend
 
 from htc_fast import ops
 from htc_fast.ops.reference import deform_conv as reference
+from tests.ops.naive_deform_conv import random_offsets
+from tests.ops.test_deform_conv import make_problem, run
+from tests.support import LOW_PRECISION_FACTOR, TOL, require_backend
 
 NAMES = ("input", "offset", "mask", "weight", "bias")
 
@@ -66,11 +66,12 @@ def test_backward_matches_oracles(backend, device, dtype, case):
     assert got.keys() == expected.keys()
     for name in got:
         assert got[name].shape == p[name].shape and got[name].dtype == dtype, name
-        torch.testing.assert_close(got[name], expected[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], expected[name], **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
     if backend != "reference":
         expected = gradients(p, grad_out, "reference")
         for name in got:
-            torch.testing.assert_close(got[name], expected[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got[name], expected[name], **TOL[dtype],
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_offset_gradient_on_the_border_is_zero(backend, device):

@@ -14,10 +14,10 @@ import random
 
 import pytest
 import torch
-from tests.support import require_backend
 
 from htc_fast import ops
 from htc_fast.ops.reference import mask_paste as reference
+from tests.support import require_backend
 
 BAND = 1e-6
 KINDS = ("ordinary", "tiny", "huge", "partly_outside", "outside", "degenerate")

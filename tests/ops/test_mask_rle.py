@@ -14,12 +14,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from tests.ops.test_mask_paste import problem, random_boxes, random_masks
-from tests.support import require_backend
 
 from htc_fast import ops
 from htc_fast.ops import mask_rle
 from htc_fast.ops.reference import mask_paste as reference
+from tests.ops.test_mask_paste import problem, random_boxes, random_masks
+from tests.support import require_backend
 
 mask_util = pytest.importorskip("pycocotools.mask")
 

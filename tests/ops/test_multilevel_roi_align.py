@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 import torchvision
-from tests.support import TOL, require_backend
-from tests.ops.naive_roi_align import random_rois
-from tests.ops.test_roi_align import with_layout
 
 from htc_fast import ops
+from tests.ops.test_roi_align import with_layout
+from tests.support import TOL, require_backend
 
 STRIDES = (4, 8, 16, 32)
 # sqrt(area) / finest_scale on and just below the level edges 2, 4, 8: levels 0, 1, 2, 2, 3.

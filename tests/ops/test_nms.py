@@ -23,9 +23,9 @@ from fractions import Fraction
 import pytest
 import torch
 import torchvision
-from tests.support import require_backend
 
 from htc_fast import ops
+from tests.support import require_backend
 
 # Zero-union boxes divide 0 by 0 on purpose (NaN IoU never suppresses); numpy, which runs the
 # Triton interpreter, warns about it.

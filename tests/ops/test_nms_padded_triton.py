@@ -4,6 +4,7 @@ host sync. Oracle: ``per_class_loop`` of test_nms.py (torchvision's nms per grou
 """
 import pytest
 import torch
+
 from tests.ops.test_nms import KINDS, THRESHOLDS, nms_inputs, per_class_loop
 from tests.support import require_backend
 

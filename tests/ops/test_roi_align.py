@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 import torchvision
-from tests.support import LOW_PRECISION_FACTOR, TOL, require_backend
-from tests.ops.naive_roi_align import naive_roi_align, random_rois
 
 from htc_fast import ops
 from htc_fast.ops.reference import roi_align as reference
+from tests.ops.naive_roi_align import naive_roi_align, random_rois
+from tests.support import LOW_PRECISION_FACTOR, TOL, require_backend
 
 ALL_KINDS = ("inside", "border", "outside", "zero", "flipped", "point")
 

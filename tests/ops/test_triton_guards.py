@@ -3,6 +3,7 @@ torch.use_deterministic_algorithms(True) (as torchvision's), and the crop paste 
 offsets that do not fit instead of writing out of bounds (as the CUDA kernel)."""
 import pytest
 import torch
+
 from tests.support import require_backend
 
 pytestmark = pytest.mark.triton
