@@ -45,9 +45,14 @@ def synthetic_batch(images: int = 2, height: int = 256, width: int = 384, object
 
 
 def count_train_step(model, batch: ImageBatch, targets: Targets, *, sampler: str = "random",
-                     generator: Optional[torch.Generator] = None, **count_kwargs) -> OpCounts:
-    """Counts of one training iteration: forward, total loss, backward (no optimizer step).
-    count_kwargs go to ``count_ops``."""
+                     generator: Optional[torch.Generator] = None, warmup: bool = True,
+                     **count_kwargs) -> OpCounts:
+    """Counts of one training iteration: forward, total loss, backward (no optimizer step), in
+    the steady state (``warmup``: one uncounted iteration first fills the anchor and layout
+    caches, as every iteration but the first of a run finds them). count_kwargs go to
+    ``count_ops``."""
+    if warmup:
+        count_train_step(model, batch, targets, sampler=sampler, generator=generator, warmup=False)
     model.train()
     # Count the GPU path: the mask branch at its fixed capacity, as on CUDA (on CPU it reads the
     # number of positives back instead, which costs nothing there; see HTCRoIHead._mask_loss).
@@ -62,8 +67,12 @@ def count_train_step(model, batch: ImageBatch, targets: Targets, *, sampler: str
     return counts
 
 
-def count_predict(model, batch: ImageBatch, masks: Optional[str] = "bitmap", **count_kwargs) -> OpCounts:
-    """Counts of one ``model.predict`` batch (results left on the model's device)."""
+def count_predict(model, batch: ImageBatch, masks: Optional[str] = "bitmap", warmup: bool = True,
+                  **count_kwargs) -> OpCounts:
+    """Counts of one ``model.predict`` batch (results left on the model's device), in the steady
+    state (see ``count_train_step``)."""
+    if warmup:
+        count_predict(model, batch, masks, warmup=False)
     model.eval()
     with count_ops(**count_kwargs) as counts:
         model.predict(batch, masks=masks)

@@ -5,6 +5,7 @@ top to bottom; the heads, RoI extraction and matching live in their own files.
 Module layout = mmdetection's ``roi_head``: ``bbox_head.{i}``, ``mask_head.{i}``,
 ``semantic_head`` (absent in HTC-without-semantic).
 """
+import collections
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -47,11 +48,28 @@ class CascadeDetections(NamedTuple):
     mask_probs: Optional[Tensor]
 
 
+_LAYOUTS = collections.OrderedDict()
+
+
+def _row_layout(image_shapes, counts, device) -> Tuple[Tensor, Tensor]:
+    """(R, 2) [h, w] of each row's image and (R, 1) float32 its image index (the rois' first
+    column), for R = sum(counts) rows of the images in order. Depends only on host values: built once per layout (a small LRU), so
+    a step dispatches no ops for it."""
+    key = (tuple((float(h), float(w)) for h, w in image_shapes), tuple(counts), str(device),
+           torch.is_inference_mode_enabled())
+    if key not in _LAYOUTS:
+        image_of = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
+        _LAYOUTS[key] = (torch.tensor(key[0]).reshape(-1, 2)[image_of].to(device),
+                         image_of[:, None].float().to(device))
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.popitem(last=False)
+    _LAYOUTS.move_to_end(key)
+    return _LAYOUTS[key]
+
+
 def _row_bounds(samples, image_shapes, device) -> Tensor:
     """(R, 2) [h, w] of each slot's image, for decoding all images' slots in one pass."""
-    shapes = torch.tensor([list(map(float, s)) for s in image_shapes], device=device)
-    counts = torch.tensor([len(s.inds) for s in samples], device=device)
-    return shapes.repeat_interleave(counts, dim=0, output_size=int(sum(len(s.inds) for s in samples)))
+    return _row_layout(image_shapes, [len(s.inds) for s in samples], device)[0]
 
 
 def rois_from(boxes: Sequence[Tensor]) -> Tensor:
@@ -255,18 +273,16 @@ class HTCRoIHead(nn.Module):
         counts = [len(p) for p in proposals]
         device = feats[0].device
         boxes = torch.cat([p.float() for p in proposals]).to(device)
-        bounds = torch.tensor([[float(h), float(w)] for h, w in image_shapes], device=device)
-        bounds = bounds.repeat_interleave(torch.tensor(counts, device=device), dim=0, output_size=len(boxes))
-        image_of = torch.arange(len(counts), device=device).repeat_interleave(
-            torch.tensor(counts, device=device), output_size=len(boxes))
-        rois = torch.cat([image_of[:, None].to(boxes.dtype), boxes], dim=1)
+        bounds, index_column = _row_layout(image_shapes, counts, device)
+        rois = torch.cat([index_column, boxes], dim=1)
         logits_sum = None
         for i, stage in enumerate(self.roi.stages):
             out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
             logits_sum = out.cls_logits if logits_sum is None else logits_sum + out.cls_logits
             boxes = decode_boxes(rois[:, 1:], out.deltas.float(), stage.target_means, stage.target_stds,
                                  max_shape=bounds)
-            rois = torch.cat([rois[:, :1], boxes], dim=1)
+            if i + 1 < len(self.roi.stages):
+                rois = torch.cat([index_column, boxes], dim=1)
         scores = torch.softmax(logits_sum.float() / float(len(self.roi.stages)), dim=1)
         if proposal_valid is not None:
             # Padding proposals score 0 for every class: never above the score threshold.
