@@ -184,3 +184,24 @@ def test_fixed_capacity_mask_branch_equals_compact():
             assert c.syncs == 0, c.report()
     for k, v in losses[False].items():
         torch.testing.assert_close(losses[True][k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_padded_detections_never_leak():
+    """predict_padded keeps max_per_img rows (padding: zero boxes/scores, label -1, zero masks);
+    predict returns exactly the counted rows, which equal the padded ones' prefix."""
+    model = tiny_model().eval()
+    batch, _ = tiny_batch()
+    with torch.no_grad():
+        feats = model.features(batch.images)
+        props = model.rpn_head.proposals(model.rpn_head(feats), batch.image_shapes, training=False, padded=True)
+        args = (feats, [p.boxes for p in props], batch.image_shapes, batch.scale_factors)
+        kwargs = dict(proposal_valid=[p.valid for p in props])
+        padded, counts = model.roi_head.predict_padded(*args, **kwargs)
+        dets = model.roi_head.predict(*args, **kwargs)
+    cap = model.cfg.test.max_per_img
+    for p, d, k in zip(padded, dets, counts.tolist()):
+        assert p.boxes.shape == (cap, 4) and len(d.boxes) == k <= cap
+        assert torch.equal(p.labels[:k], d.labels) and torch.equal(p.boxes[:k], d.boxes)
+        assert (d.labels >= 0).all() and (p.labels[k:] == -1).all()
+        assert (p.scores[k:] == 0).all() and (p.mask_probs[k:] == 0).all()
+        assert (d.scores > model.cfg.test.score_thr).all()
