@@ -61,8 +61,10 @@ class HTC(nn.Module):
 
     def forward(self, batch: ImageBatch, targets: Targets, *, sampler: str = "random",
                 generator: Optional[torch.Generator] = None) -> HTCLoss:
-        """Training losses, without host synchronisation (fixed-capacity proposals and samples).
-        sampler: "random" (mmdetection's distribution) or "first-k" (deterministic)."""
+        """Training losses, without host synchronisation off the CPU (fixed-capacity proposals,
+        samples and mask rois; on CPU the mask branch reads its positive counts, see
+        ``HTCRoIHead.static_shapes``). sampler: "random" (mmdetection's distribution, other draws)
+        or "first-k" (deterministic, mmdetection's exact samples)."""
         feats = self.features(batch.images)
         rpn_out = self.rpn_head(feats)
         pad = tuple(batch.images.shape[-2:])
