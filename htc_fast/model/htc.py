@@ -3,7 +3,7 @@
 Module names are mmdetection's (``backbone``, ``neck``, ``rpn_head``, ``roi_head``), so an
 mmdetection HTC state dict loads with ``load_checkpoint`` as it is.
 """
-from typing import Dict, List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ class HTCLoss(NamedTuple):
     rpn: RPNLoss
     roi: CascadeLoss
 
-    def as_dict(self) -> Dict[str, Tensor]:
+    def as_dict(self) -> dict[str, Tensor]:
         """mmdetection's loss names (RPN losses summed over levels), for logging and comparison."""
         out = {"loss_rpn_cls": torch.stack(list(self.rpn.cls)).sum(),
                "loss_rpn_bbox": torch.stack(list(self.rpn.bbox)).sum()}
@@ -46,13 +46,7 @@ class HTC(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone)
         self.neck = build_fpn(cfg.fpn, cfg.backbone.out_channels)
-        r = cfg.rpn
-        self.rpn_head = RPNHead(
-            cfg.fpn.out_channels, r.feat_channels, r.anchor_strides, r.anchor_ratios, r.anchor_scales,
-            r.target_means, r.target_stds, r.nms_pre_test, r.max_per_img_test, r.nms_pre_train,
-            r.max_per_img_train, r.nms_iou, r.min_bbox_size, r.pos_iou_thr, r.neg_iou_thr, r.min_pos_iou,
-            r.match_low_quality, r.sampler_num, r.sampler_pos_fraction, r.allowed_border, r.smooth_l1_beta,
-            r.loss_cls_weight, r.loss_bbox_weight)
+        self.rpn_head = RPNHead(cfg.rpn, cfg.fpn.out_channels)
         self.roi_head = HTCRoIHead(cfg.roi, cfg.semantic, cfg.test, cfg.num_classes, cfg.fpn.out_channels)
 
     def features(self, images: Tensor):
@@ -85,7 +79,7 @@ class HTC(nn.Module):
         return HTCLoss(rpn_loss, roi_loss)
 
     @torch.no_grad()
-    def predict(self, batch: ImageBatch, *, masks: Optional[str] = "bitmap") -> List[Detections]:
+    def predict(self, batch: ImageBatch, *, masks: Optional[str] = "bitmap") -> list[Detections]:
         """Detections per image in original-image pixels. masks: "bitmap" (bool (D, H, W)),
         "rle" (COCO RLE dicts, without building dense masks on the host) or None."""
         if masks not in ("bitmap", "rle", None):

@@ -5,14 +5,16 @@ shared by the levels; ``rpn_cls`` 1x1 (feat -> A: one sigmoid objectness logit p
 ``rpn_reg`` 1x1 (feat -> 4A). Initialised normal(std 0.01), bias 0 (mmdet's RPNHead init).
 
 The post-processing lives in ``rpn_proposals.py`` and the targets/losses in ``rpn_loss.py``;
-this module stores their hyper-parameters (HTC's as defaults) so callers pass only data.
+the head keeps its ``RPNConfig`` (HTC's values by default) so callers pass only data.
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from htc_fast.config import RPNConfig
 from htc_fast.model.anchors import AnchorGenerator
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
 from htc_fast.model.matching import MaxIoUAssigner, RandomSampler
@@ -29,61 +31,38 @@ class RPNOutput(NamedTuple):
     bbox_deltas: (N, 4A, H_l, W_l) deltas, channel 4a + (dx, dy, dw, dh) for anchor a.
     """
 
-    cls_logits: List[Tensor]
-    bbox_deltas: List[Tensor]
+    cls_logits: list[Tensor]
+    bbox_deltas: list[Tensor]
 
 
 class RPNHead(nn.Module):
-    """Region proposal network head (HTC R-50-FPN defaults).
+    """Region proposal network head, built from its config section (HTC R-50-FPN defaults).
 
     Args:
-        in_channels, feat_channels: 256, 256.
-        strides, ratios, scales: the anchors (see ``AnchorGenerator``).
-        target_means, target_stds: the box coder's normalisation (0s and 1s).
-        test_nms_pre, test_max_per_img: proposals at inference (1000, 1000).
-        train_nms_pre, train_max_per_img: proposals during training (2000, 2000).
-        nms_iou_threshold, min_bbox_size: 0.7, 0 (both modes).
-        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality: the anchor assigner (0.7, 0.3,
-            0.3, True: each ground truth's best anchors are positive).
-        num_samples, pos_fraction: the anchor sampler (256, 0.5).
-        allowed_border: anchors inside the image with this border are candidates (0; < 0: all).
-        smooth_l1_beta, cls_loss_weight, bbox_loss_weight: 1/9, 1, 1.
+        cfg: the ``rpn`` section of the model config: anchors, box coder, proposal limits for
+            training and test, assigner, sampler and loss weights (None: ``RPNConfig()``).
+        in_channels: channels of the FPN maps it reads (the FPN's ``out_channels``, 256).
     """
 
-    def __init__(self, in_channels: int = 256, feat_channels: int = 256,
-                 strides: Sequence[int] = (4, 8, 16, 32, 64), ratios: Sequence[float] = (0.5, 1.0, 2.0),
-                 scales: Sequence[float] = (8.0,),
-                 target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-                 target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-                 test_nms_pre: int = 1000, test_max_per_img: int = 1000,
-                 train_nms_pre: int = 2000, train_max_per_img: int = 2000,
-                 nms_iou_threshold: float = 0.7, min_bbox_size: float = 0.0,
-                 pos_iou_thr: float = 0.7, neg_iou_thr: float = 0.3, min_pos_iou: float = 0.3,
-                 match_low_quality: bool = True, num_samples: int = 256, pos_fraction: float = 0.5,
-                 allowed_border: float = 0.0,
-                 smooth_l1_beta: float = 1.0 / 9.0, cls_loss_weight: float = 1.0,
-                 bbox_loss_weight: float = 1.0):
+    def __init__(self, cfg: Optional[RPNConfig] = None, in_channels: int = 256):
         super().__init__()
-        if in_channels <= 0 or feat_channels <= 0:
-            raise ValueError(f"RPNHead: in_channels and feat_channels must be positive, got "
-                             f"{in_channels}, {feat_channels}")
-        self.anchor_generator = AnchorGenerator(strides, ratios, scales)
+        cfg = RPNConfig() if cfg is None else cfg
+        if not isinstance(cfg, RPNConfig):
+            raise TypeError(f"RPNHead: cfg must be an RPNConfig, got {type(cfg).__name__}")
+        if in_channels <= 0 or cfg.feat_channels <= 0:
+            raise ValueError(f"RPNHead: in_channels and cfg.feat_channels must be positive, got "
+                             f"{in_channels}, {cfg.feat_channels}")
+        self.cfg = cfg
+        self.anchor_generator = AnchorGenerator(cfg.anchor_strides, cfg.anchor_ratios, cfg.anchor_scales)
         num_anchors = self.anchor_generator.num_base_anchors
-        self.coder = DeltaXYWHBoxCoder(target_means, target_stds)
-        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
-        self.rpn_cls = nn.Conv2d(feat_channels, num_anchors, 1)
-        self.rpn_reg = nn.Conv2d(feat_channels, num_anchors * 4, 1)
-        self.test_nms_pre, self.test_max_per_img = int(test_nms_pre), int(test_max_per_img)
-        self.train_nms_pre, self.train_max_per_img = int(train_nms_pre), int(train_max_per_img)
-        self.nms_iou_threshold = float(nms_iou_threshold)
-        self.min_bbox_size = float(min_bbox_size)
-        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou=min_pos_iou,
-                                       match_low_quality=match_low_quality)
-        self.sampler = RandomSampler(num_samples, pos_fraction, neg_pos_ub=-1, add_gt_as_proposals=False)
-        self.allowed_border = float(allowed_border)
-        self.smooth_l1_beta = float(smooth_l1_beta)
-        self.cls_loss_weight = float(cls_loss_weight)
-        self.bbox_loss_weight = float(bbox_loss_weight)
+        self.coder = DeltaXYWHBoxCoder(cfg.target_means, cfg.target_stds)
+        self.rpn_conv = nn.Conv2d(in_channels, cfg.feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(cfg.feat_channels, num_anchors, 1)
+        self.rpn_reg = nn.Conv2d(cfg.feat_channels, num_anchors * 4, 1)
+        self.assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, min_pos_iou=cfg.min_pos_iou,
+                                       match_low_quality=cfg.match_low_quality)
+        self.sampler = RandomSampler(cfg.sampler_num, cfg.sampler_pos_fraction, neg_pos_ub=-1,
+                                     add_gt_as_proposals=False)
         self.init_weights()
 
     @property
@@ -108,34 +87,36 @@ class RPNHead(nn.Module):
             bbox_deltas.append(self.rpn_reg(x))
         return RPNOutput(cls_logits, bbox_deltas)
 
-    def anchors(self, output: RPNOutput) -> List[Tensor]:
+    def anchors(self, output: RPNOutput) -> list[Tensor]:
         """Per level (H_l * W_l * A, 4) float32 anchors matching ``output``'s maps."""
         sizes = [tuple(c.shape[-2:]) for c in output.cls_logits]
         return self.anchor_generator.grid_anchors(sizes, device=output.cls_logits[0].device)
 
-    def proposals(self, output: RPNOutput, image_sizes: Sequence[Tuple[int, int]],
+    def proposals(self, output: RPNOutput, image_sizes: Sequence[tuple[int, int]],
                   training: Optional[bool] = None, nms_backend: Optional[str] = None,
-                  padded: bool = False) -> List[Proposals]:
+                  padded: bool = False) -> list[Proposals]:
         """Proposals per image (no gradient).
 
         Args:
             output: this head's output for the batch.
             image_sizes: (h, w) of each image after resizing, before padding.
-            training: use the training limits (2000/2000) instead of the test ones (1000/1000);
+            training: use the training limits (``cfg.nms_pre_train``, ``cfg.max_per_img_train``)
+                instead of the test ones;
                 None follows ``self.training``.
             nms_backend: forwarded to ``htc_fast.ops.batched_nms``.
             padded: fixed-capacity proposals with ``valid`` flags and no host sync (see
                 ``rpn_proposals``); the model's own training and inference use this.
         """
         training = self.training if training is None else training
-        nms_pre = self.train_nms_pre if training else self.test_nms_pre
-        max_per_img = self.train_max_per_img if training else self.test_max_per_img
+        c = self.cfg
+        nms_pre = c.nms_pre_train if training else c.nms_pre_test
+        max_per_img = c.max_per_img_train if training else c.max_per_img_test
         return rpn_proposals(output.cls_logits, output.bbox_deltas, self.anchors(output), image_sizes,
-                             self.coder, nms_pre, max_per_img, self.nms_iou_threshold,
-                             self.min_bbox_size, nms_backend=nms_backend, padded=padded)
+                             self.coder, int(nms_pre), int(max_per_img), float(c.nms_iou),
+                             float(c.min_bbox_size), nms_backend=nms_backend, padded=padded)
 
-    def targets(self, output: RPNOutput, gt_boxes: Sequence[Tensor], image_sizes: Sequence[Tuple[int, int]],
-                pad_shapes: Optional[Sequence[Tuple[int, int]]] = None,
+    def targets(self, output: RPNOutput, gt_boxes: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+                pad_shapes: Optional[Sequence[tuple[int, int]]] = None,
                 gt_boxes_ignore: Optional[Sequence[Optional[Tensor]]] = None,
                 sampler: Optional[RandomSampler] = None,
                 generator: Optional[torch.Generator] = None) -> RPNTargets:
@@ -147,15 +128,16 @@ class RPNHead(nn.Module):
         sizes = [tuple(c.shape[-2:]) for c in output.cls_logits]
         return rpn_targets(self.anchor_generator, sizes, gt_boxes, image_sizes, pad_shapes, self.coder,
                            self.assigner, self.sampler if sampler is None else sampler,
-                           self.allowed_border, gt_boxes_ignore, generator,
+                           float(self.cfg.allowed_border), gt_boxes_ignore, generator,
                            device=output.cls_logits[0].device)
 
-    def loss(self, output: RPNOutput, gt_boxes: Sequence[Tensor], image_sizes: Sequence[Tuple[int, int]],
-             pad_shapes: Optional[Sequence[Tuple[int, int]]] = None,
+    def loss(self, output: RPNOutput, gt_boxes: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+             pad_shapes: Optional[Sequence[tuple[int, int]]] = None,
              gt_boxes_ignore: Optional[Sequence[Optional[Tensor]]] = None,
              sampler: Optional[RandomSampler] = None,
              generator: Optional[torch.Generator] = None) -> RPNLoss:
         """Per-level RPN losses for a batch (arguments as in ``targets``)."""
         targets = self.targets(output, gt_boxes, image_sizes, pad_shapes, gt_boxes_ignore, sampler, generator)
-        return rpn_loss(output.cls_logits, output.bbox_deltas, targets, self.smooth_l1_beta,
-                        self.cls_loss_weight, self.bbox_loss_weight)
+        c = self.cfg
+        return rpn_loss(output.cls_logits, output.bbox_deltas, targets, float(c.smooth_l1_beta),
+                        float(c.loss_cls_weight), float(c.loss_bbox_weight))

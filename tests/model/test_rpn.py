@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from htc_fast.config import RPNConfig
 from htc_fast.model.anchors import AnchorGenerator, anchor_inside_flags
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder, decode_boxes
 from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler
@@ -21,7 +22,17 @@ BIG = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]  # 128 x 160: enough anchors
 
 
 def small_head(**kw):
-    return RPNHead(in_channels=4, feat_channels=4, **kw)
+    """A 4-channel head; kw: RPNConfig fields."""
+    return RPNHead(RPNConfig(feat_channels=4, **kw), in_channels=4)
+
+
+def test_head_rejects_bad_config():
+    with pytest.raises(TypeError, match="cfg"):
+        RPNHead({"feat_channels": 4})
+    with pytest.raises(ValueError, match="feat_channels"):
+        RPNHead(RPNConfig(feat_channels=0))
+    with pytest.raises(ValueError, match="in_channels"):
+        RPNHead(RPNConfig(), in_channels=0)
 
 
 def random_output(n=2, sizes=SIZES, a=3, spread=3.0, delta_scale=0.3):
@@ -88,7 +99,7 @@ def test_head_keys_shapes_and_init():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_proposals_match_naive_loop(training):
-    head = small_head(test_nms_pre=60, test_max_per_img=150, train_nms_pre=200, train_max_per_img=400)
+    head = small_head(nms_pre_test=60, max_per_img_test=150, nms_pre_train=200, max_per_img_train=400)
     output = random_output()
     image_sizes = [(61, 77), (40, 80)]  # different per image, both inside the 64 x 80 batch
     props = head.proposals(output, image_sizes, training=training)
@@ -103,7 +114,7 @@ def test_proposals_match_naive_loop(training):
 
 
 def test_proposals_follow_module_mode_and_stop_gradients():
-    head = small_head(test_nms_pre=5, test_max_per_img=7, train_nms_pre=10, train_max_per_img=30)
+    head = small_head(nms_pre_test=5, max_per_img_test=7, nms_pre_train=10, max_per_img_train=30)
     output = head([torch.randn(1, 4, h, w) for h, w in SIZES])
     head.eval()
     assert len(head.proposals(output, [(64, 80)])[0].boxes) <= 7
@@ -133,7 +144,7 @@ def test_low_precision_outputs_give_float32_geometry_and_losses():
     assert props.boxes.dtype == torch.float32 and props.scores.dtype == torch.float32 and len(props.boxes) > 0
     gt = [torch.tensor([[4.0, 6.0, 40.0, 50.0]])]
     loss = head.loss(half, gt, [(64, 80)])
-    assert all(l.dtype == torch.float32 and torch.isfinite(l) for l in loss.cls + loss.bbox)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x) for x in loss.cls + loss.bbox)
 
 
 def test_loss_hand_checked_case():
@@ -239,7 +250,7 @@ def test_image_without_gt_gives_only_classification_loss():
     assert targets.sampling[1].num_pos == 0 and targets.sampling[1].num_neg == 256
     assert targets.objectness[1].sum() == 0 and targets.delta_weights[1].sum() == 0
     loss = head.loss(output, [torch.zeros(0, 4), torch.zeros(0, 4)], sizes)
-    assert all(float(l.detach()) == 0 for l in loss.bbox)
+    assert all(float(x.detach()) == 0 for x in loss.bbox)
     assert float(sum(loss.cls).detach()) > 0 and torch.isfinite(loss.total())
     loss.total().backward()
     assert torch.isfinite(head.rpn_cls.weight.grad).all() and head.rpn_cls.weight.grad.abs().sum() > 0
@@ -251,7 +262,7 @@ def test_gradient_flows_to_every_layer():
     gt, sizes = make_batch()
     loss = head.loss(output, gt, sizes)
     assert len(loss.cls) == len(loss.bbox) == 5
-    assert all(torch.isfinite(l) for l in loss.cls + loss.bbox) and float(sum(loss.bbox).detach()) > 0
+    assert all(torch.isfinite(x) for x in loss.cls + loss.bbox) and float(sum(loss.bbox).detach()) > 0
     loss.total().backward()
     for layer in (head.rpn_conv, head.rpn_cls, head.rpn_reg):
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
@@ -311,7 +322,7 @@ needs_oracle = pytest.mark.skipif(not (ORACLE_OUT / "train_check.pth").exists(),
                                          "(set HTC_FAST_ORACLE_OUT)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_oracle(name):
     return torch.load(ORACLE_OUT / f"{name}.pth", weights_only=False)
 
@@ -374,7 +385,7 @@ def test_rpn_and_stage_sampling_identical_to_mmdet(mode):
 def test_padded_proposals_equal_compact_and_sync_free(training):
     from htc_fast.diagnostics import count_ops
 
-    head = small_head(test_nms_pre=60, test_max_per_img=150, train_nms_pre=200, train_max_per_img=400)
+    head = small_head(nms_pre_test=60, max_per_img_test=150, nms_pre_train=200, max_per_img_train=400)
     output = random_output()
     sizes = [(61, 77), (40, 80)]
     compact = head.proposals(output, sizes, training=training)
