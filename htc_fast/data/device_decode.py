@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from htc_fast.data.image_decode import decode_rgb, exif_orientation
+from htc_fast.data.image_decode import decode_rgb, exif_orientation, is_plain_jpeg
 from htc_fast.preprocess import resize
 
 
@@ -65,7 +65,7 @@ def encode_image(data: bytes, name: str, expected_hw: tuple[int, int], size: tup
             orientation = exif_orientation(image)
             if orientation in (5, 6, 7, 8):
                 h, w = w, h
-            plain = image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1
+            plain = is_plain_jpeg(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
     if (h, w) != tuple(expected_hw):

@@ -1,6 +1,15 @@
-"""Image file decoding with Pillow: every file gives an RGB uint8 array or a ValueError naming it.
+"""Image file decoding: every file gives an RGB uint8 array or a ValueError naming it.
 
-Why Pillow rather than torchvision's `decode_image`: libpng errors inside torchvision's PNG decoder
+Plain JPEGs (RGB or grayscale, baseline or progressive, no EXIF rotation: `is_plain_jpeg`, from the
+header; nearly all of COCO) decode through torchvision's `decode_jpeg` on the CPU (libjpeg-turbo,
+about 1.35x faster than going through Pillow; the pixels are identical on the COCO test images).
+It raises RuntimeError on a truncated or otherwise undecodable JPEG (never crashes: checked on
+truncated and byte-flipped files in a subprocess); such a file is then decoded by Pillow, which
+raises the error that names it. A JPEG with flipped bytes that libjpeg-turbo can still decode
+(it prints "Corrupt JPEG data" on stderr) is accepted, as Pillow accepts it. Everything else goes
+through Pillow.
+
+Why Pillow rather than torchvision's `decode_image` for the other files: libpng errors inside torchvision's PNG decoder
 (e.g. an IDAT chunk with a bad CRC) kill the process with SIGSEGV, a corrupt or truncated JPEG is
 returned half grey with only a message on stderr, and torchvision 0.29 deprecates its decoders
 with a warning in every process. Pillow raises on all of these (`OSError`, `SyntaxError`, ...),
@@ -27,9 +36,10 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 _ORIENTATION_TAG = 0x0112
@@ -76,6 +86,25 @@ def exif_orientation(image: Image.Image) -> int:
         return 1
 
 
+def is_plain_jpeg(image: Image.Image) -> bool:
+    """Whether an opened (not yet loaded) image is a JPEG that libjpeg-turbo's RGB output gives
+    as is: RGB or grayscale (not CMYK / YCCK), with no EXIF rotation to apply. Header only."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and exif_orientation(image) == 1
+
+
+def _decode_jpeg_rgb(data: bytes) -> Optional[np.ndarray]:
+    """(H, W, 3) uint8 from torchvision's CPU `decode_jpeg`, None when it refuses the data."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # lazy: a slow import, only JPEGs need it
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in every process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:  # corrupt or truncated: Pillow decodes it again and names the file
+            return None
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())  # already HWC in memory: no copy
+
+
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode == "RGB":
         return np.asarray(image)
@@ -101,10 +130,12 @@ def decode_rgb(data: bytes, name: Union[str, Path] = "<bytes>") -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                method = _UPRIGHT.get(exif_orientation(image))
-                upright = image.transpose(method) if method is not None else image
-                array = _to_rgb_array(upright)
+                array = _decode_jpeg_rgb(data) if is_plain_jpeg(image) else None
+                if array is None:
+                    image.load()
+                    method = _UPRIGHT.get(exif_orientation(image))
+                    upright = image.transpose(method) if method is not None else image
+                    array = _to_rgb_array(upright)
     except _DECODE_ERRORS as exc:
         raise ValueError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:  # a mode Pillow converted oddly

@@ -183,3 +183,73 @@ def test_label_maps_keep_their_values(tmp_path):
     (tmp_path / "bad.png").write_bytes(_bad_crc_png())
     with pytest.raises(ValueError, match="bad.png.*bad CRC"):
         read_label_map(tmp_path / "bad.png")
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _count_torchvision_calls(monkeypatch) -> list:
+    """Record what `decode_rgb`'s torchvision JPEG path returns (None: it refused the data)."""
+    from htc_fast.data import image_decode
+
+    calls, original = [], image_decode._decode_jpeg_rgb
+    monkeypatch.setattr(image_decode, "_decode_jpeg_rgb", lambda data: calls.append(original(data)) or calls[-1])
+    return calls
+
+
+def test_plain_jpegs_take_the_torchvision_path_with_pillows_pixels(monkeypatch):
+    """COCO JPEGs, and progressive / grayscale re-encodings of them, decode through torchvision's
+    `decode_jpeg`; measured max abs difference to Pillow's pixels on the shipped images: 0."""
+    calls, filters = _count_torchvision_calls(monkeypatch), list(warnings.filters)
+    pixels = _coco_pixels()
+    files = [p.read_bytes() for p in COCO_JPEGS + [REPO / "tests" / "data" / "rocket.jpg"]]
+    files += [_encode(Image.fromarray(pixels), "JPEG", quality=random.randint(60, 95), progressive=True),
+              _encode(Image.fromarray(pixels[:, :, random.randrange(3)]), "JPEG", quality=90)]
+    for data in files:
+        got = decode_rgb(data)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        assert np.abs(got.astype(np.int16) - _pillow_rgb(data)).max() <= 0
+    assert len(calls) == len(files) and all(c is not None for c in calls)
+    assert warnings.filters == filters  # the deprecation warning is silenced locally, no global filter
+
+
+def test_other_files_take_the_pillow_path(monkeypatch):
+    calls = _count_torchvision_calls(monkeypatch)
+    pixels = _coco_pixels()
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    decode_rgb(_encode(Image.fromarray(pixels), "PNG"))
+    decode_rgb(_encode(Image.fromarray(pixels), "JPEG", exif=exif))
+    decode_rgb(_encode(Image.fromarray(pixels).convert("CMYK"), "JPEG"))
+    assert calls == []
+
+
+def test_corrupt_jpegs_never_crash_torchvision_in_a_subprocess(tmp_path):
+    """Truncated and byte-flipped COCO JPEGs: each either raises a ValueError naming the file (the
+    torchvision path refused it and Pillow did too) or decodes to Pillow's pixels."""
+    paths = []
+    for k in range(40):
+        data = bytearray(random.choice(COCO_JPEGS).read_bytes())
+        if k % 2:
+            data = data[:random.randint(2, len(data) - 100)]  # cut inside the entropy-coded data
+        else:
+            for _ in range(random.randint(1, 20)):
+                data[random.randrange(len(data))] ^= 1 << random.randrange(8)
+        paths.append(tmp_path / f"bad{k}.jpg")
+        paths[-1].write_bytes(bytes(data))
+    script = ("import io, sys, numpy as np\nfrom PIL import Image\nfrom htc_fast.data.image_decode import read_rgb\n"
+              "for p in sys.argv[1:]:\n"
+              "    try:\n        got = read_rgb(p)\n"
+              "    except ValueError as e:\n        print('ERROR', e)\n        continue\n"
+              "    same = np.array_equal(got, np.asarray(Image.open(p).convert('RGB')))\n"
+              "    print('DECODED' if same else 'DIFFERENT', p)\n")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script, *map(str, paths)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"decoder crashed (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(paths)
+    for path, line in zip(paths, lines):
+        assert line in (f"DECODED {path}",) or line.startswith(f"ERROR cannot decode image {path}"), line
+    assert sum(line.startswith("ERROR") for line in lines[1::2]) == len(paths) // 2  # every truncation refused
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]
