@@ -20,8 +20,9 @@ Groups (one per semantic variant) and implementations:
     bytes, header check, annotations, mask crops, collate; the decoding is the GPU's.
 Semantic variants: ``off``; ``stuff_maps`` (label PNGs at the image size -- random blocky labels
 written to a temporary folder, since COCO-stuff is not shipped; decoding cost is a real map's);
-``from_instances``. A ``decode`` group times the decoders alone (torchvision, the baseline, and
-Pillow) on the same JPEGs.
+``from_instances``. A ``decode`` group times the decoders alone on the same JPEGs: torchvision's
+``decode_image`` (the baseline), Pillow alone (the decoder before issue 16 item 1), and
+``read_rgb`` (the data package's decoder: torchvision's ``decode_jpeg`` for plain JPEGs).
 
 extra_info: ``images`` per round and ``images_per_s_per_core`` (images / median round time).
 mmdetection 3.3.0's rate on the same images is measured outside the repository (it needs the
@@ -37,8 +38,16 @@ import torch
 from PIL import Image
 
 from htc_fast.config import get_config
-from htc_fast.data import (CocoDetection, Sample, TrainTransform, build_train_loader, collate_train, flip_sample,
-                           resize_nearest, semantic_from_instances)
+from htc_fast.data import (
+    CocoDetection,
+    Sample,
+    TrainTransform,
+    build_train_loader,
+    collate_train,
+    flip_sample,
+    resize_nearest,
+    semantic_from_instances,
+)
 from htc_fast.data.image_decode import read_rgb
 from htc_fast.data.transforms import resize_boxes
 from htc_fast.preprocess import rescale_size, resize_float
@@ -147,10 +156,15 @@ def test_train_pipeline(benchmark, bench_case, stuff_dir, semantic, impl):
     benchmark.extra_info["images_per_s_per_core"] = round(images / benchmark.stats.stats.median, 2)
 
 
-@pytest.mark.parametrize("impl", ["torchvision", "pillow"])
+def _pillow_decode(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "pillow", "decoder"])
 def test_decode(benchmark, bench_case, impl):
     paths = sorted(IMAGE_DIR.glob("*.jpg"))
-    decode = ((lambda p: _torchvision_decode(p, "RGB")) if impl == "torchvision" else read_rgb)
+    decode = {"torchvision": lambda p: _torchvision_decode(p, "RGB"), "pillow": _pillow_decode,
+              "decoder": read_rgb}[impl]
 
     def run():
         return [decode(p) for p in paths]
