@@ -109,7 +109,12 @@ def load_checkpoint(model: nn.Module, path_or_dict: str | os.PathLike | Mapping[
                              f"weights_only=True) failed ({exc}). If the file is trusted, pass "
                              "weights_only=False.") from exc
     model_state = model.state_dict()
-    state, source = _extract_state_dict(obj, source, model_state)
+    try:
+        state, source = _extract_state_dict(obj, source, model_state)
+    except ValueError as exc:  # a file of the wrong structure: say which file
+        if obj is path_or_dict:
+            raise
+        raise ValueError(f"{exc} (in {os.fspath(path_or_dict)})") from exc
 
     report = LoadReport(source=source)
     prefix = ""  # every model key is expected, except for backbone-only weights
