@@ -9,6 +9,7 @@ import dataclasses
 import typing
 from typing import Literal
 
+
 def apply_overrides(cfg, overrides: typing.Sequence[str]):
     """Returns `cfg` with each "dotted.path=value" applied, type-checked against the field.
 

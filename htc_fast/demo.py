@@ -74,8 +74,10 @@ def main(argv=None):
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out, t = timed(lambda: htc_fast.ops.multilevel_roi_align(features, rois, 7, backend=backend),
-                           args.device, args.repeats)
+            def run(backend=backend):
+                return htc_fast.ops.multilevel_roi_align(features, rois, 7, backend=backend)
+
+            out, t = timed(run, args.device, args.repeats)
         err = (out - expected).abs().max().item()
         print(f"  htc_fast {backend:<10}          {t * 1e3:8.2f} ms  ({t_ref / t:5.2f}x)  "
               f"max |diff| {err:.2e}")

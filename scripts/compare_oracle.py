@@ -47,13 +47,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle_helpers import (STAT_KEYS, Report, abs_max, compare_level, decode_rles,  # noqa: E402
-                            match_sets, paste_masks, rel_max)
+from oracle_helpers import STAT_KEYS, Report, abs_max, compare_level, decode_rles, match_sets, paste_masks, rel_max  # noqa: E402
 
 from htc_fast.config import get_config  # noqa: E402
 from htc_fast.model import matching  # noqa: E402
 from htc_fast.model.box_coder import decode_boxes  # noqa: E402
-from htc_fast.model.cascade import rois_from  # noqa: E402
 from htc_fast.model.checkpoint import load_checkpoint  # noqa: E402
 from htc_fast.model.htc import build_htc  # noqa: E402
 from htc_fast.model.inputs import ImageBatch, Targets  # noqa: E402
@@ -297,7 +295,7 @@ def check_train(model, args, rep):
         orig_features = model.features
         if args.cache and not backward:  # reuse the batch's FPN features (instance attribute, dev aid only)
             cached = features(model, batch.images, args.cache, "train")["P"]
-            model.features = lambda images: cached
+            model.features = lambda images, cached=cached: cached
         t0 = time.perf_counter()
         try:
             with torch.set_grad_enabled(backward), SamplerRecorder() as rec:
@@ -372,8 +370,8 @@ def compare_sampling(rep, calls, rs):
                 problems.append(f"{key} {o[key]} vs {r[key]}")
         if o["num_priors_in"] == r["num_priors_in"] and not torch.equal(o["assign_gt_inds"], r["assign_gt_inds"]):
             bad = (o["assign_gt_inds"] != r["assign_gt_inds"]).nonzero().squeeze(1)
-            problems.append(f"assign differs at {len(bad)} priors (first {bad[:3].tolist()}: "
-                            f"ours {o['assign_gt_inds'][bad[:3]].tolist()} ref {r['assign_gt_inds'][bad[:3]].tolist()})")
+            ours, ref = o["assign_gt_inds"][bad[:3]].tolist(), r["assign_gt_inds"][bad[:3]].tolist()
+            problems.append(f"assign differs at {len(bad)} priors (first {bad[:3].tolist()}: ours {ours} ref {ref})")
         for key in ("pos_inds", "neg_inds"):
             if not torch.equal(o[key], r[key]):
                 problems.append(f"{key} differ ({len(o[key])} vs {len(r[key])})")

@@ -46,8 +46,9 @@ import collections
 import contextlib
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -100,7 +101,7 @@ class OpCounts:
 
     ops: int = 0
     op_counts: collections.Counter = field(default_factory=collections.Counter)
-    events: List[SyncEvent] = field(default_factory=list)
+    events: list[SyncEvent] = field(default_factory=list)
     op_sites: collections.Counter = field(default_factory=collections.Counter)  # with count_ops(op_sites=True)
 
     @property
@@ -108,19 +109,19 @@ class OpCounts:
         return len(self.events)
 
     @property
-    def sync_breakdown(self) -> Dict[str, int]:
+    def sync_breakdown(self) -> dict[str, int]:
         """kind -> count, most frequent first."""
         return dict(collections.Counter(e.kind for e in self.events).most_common())
 
-    def top_ops(self, n: int = 20) -> List[Tuple[str, int]]:
+    def top_ops(self, n: int = 20) -> list[tuple[str, int]]:
         """The n most frequently dispatched ops as (name, count)."""
         return self.op_counts.most_common(n)
 
-    def sync_sites(self, n: int = 20) -> List[Tuple[str, int]]:
+    def sync_sites(self, n: int = 20) -> list[tuple[str, int]]:
         """The n most frequent (kind @ caller) sync sites as (description, count)."""
         return collections.Counter(f"{e.kind} ({e.op}) @ {e.where}" for e in self.events).most_common(n)
 
-    def top_op_sites(self, n: int = 20) -> List[Tuple[str, int]]:
+    def top_op_sites(self, n: int = 20) -> list[tuple[str, int]]:
         """The n callers that dispatched the most ops, as ("file:line (function)", count); needs
         ``count_ops(op_sites=True)``. For finding what to fuse."""
         return self.op_sites.most_common(n)

@@ -7,7 +7,7 @@ bench_train.py (which record them). Prints the table:
     python -m htc_fast.diagnostics.workload [--preset htc_r50_fpn_1x] [--images 2] [--size 256 384]
 """
 import argparse
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -19,7 +19,7 @@ __all__ = ["synthetic_batch", "count_train_step", "count_predict"]
 
 def synthetic_batch(images: int = 2, height: int = 256, width: int = 384, objects: int = 5, *,
                     seed: int = 3, device="cpu", num_classes: int = 80,
-                    stuff_classes: int = 183) -> Tuple[ImageBatch, Targets]:
+                    stuff_classes: int = 183) -> tuple[ImageBatch, Targets]:
     """A batch of ``images`` random (3, height, width) images (unpadded, scale 1), each with
     ``objects`` random boxes of 40..40+min(h, w)*0.4 pixels, box-shaped masks, labels, and a random
     semantic map: the input of the budget counts and of bench_train."""

@@ -5,8 +5,7 @@ Parameter names follow mmdetection's HTC state-dict keys, so released checkpoint
 `load_checkpoint` without a key map.
 """
 from htc_fast.model.backbone import Bottleneck, ResNet, build_backbone
-from htc_fast.model.checkpoint import (CheckpointMismatchError, LoadReport, load_checkpoint,
-                                       save_checkpoint)
+from htc_fast.model.checkpoint import CheckpointMismatchError, LoadReport, load_checkpoint, save_checkpoint
 from htc_fast.model.fpn import FPN, ConvLayer, build_fpn
 from htc_fast.model.frozen_bn import FrozenBatchNorm2d
 from htc_fast.model.htc import HTC, build_htc

@@ -10,7 +10,7 @@ Boxes are (N, 4) xyxy float32 pixels of the network input (resized, padded image
 """
 import collections
 import math
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -81,8 +81,8 @@ class AnchorGenerator:
             raise ValueError(f"AnchorGenerator.{where}: featmap_sizes has {len(featmap_sizes)} levels, "
                              f"the generator {self.num_levels}")
 
-    def grid_anchors(self, featmap_sizes: Sequence[Tuple[int, int]], device=None,
-                     dtype: torch.dtype = torch.float32) -> List[Tensor]:
+    def grid_anchors(self, featmap_sizes: Sequence[tuple[int, int]], device=None,
+                     dtype: torch.dtype = torch.float32) -> list[Tensor]:
         """Anchors of every level.
 
         Args:
@@ -96,7 +96,7 @@ class AnchorGenerator:
         key = ("grid", tuple((int(h), int(w)) for h, w in featmap_sizes), str(device), dtype)
         return self._cached(key, lambda: self._grid_anchors(featmap_sizes, device, dtype))
 
-    def _cached(self, key, make) -> List[Tensor]:
+    def _cached(self, key, make) -> list[Tensor]:
         """Anchors and flags depend only on sizes and device: build them once per key, so a step
         dispatches no ops for them (a small LRU; callers never modify the tensors in place)."""
         cache = self.__dict__.setdefault("_cache", collections.OrderedDict())
@@ -110,7 +110,7 @@ class AnchorGenerator:
             cache.popitem(last=False)
         return list(value)
 
-    def _grid_anchors(self, featmap_sizes, device, dtype) -> List[Tensor]:
+    def _grid_anchors(self, featmap_sizes, device, dtype) -> list[Tensor]:
         out = []
         for level, (h, w) in enumerate(featmap_sizes):
             stride = self.strides[level]
@@ -122,13 +122,13 @@ class AnchorGenerator:
             out.append((base[None, :, :] + shifts[:, None, :]).reshape(-1, 4))
         return out
 
-    def all_anchors(self, featmap_sizes: Sequence[Tuple[int, int]], device=None) -> Tensor:
+    def all_anchors(self, featmap_sizes: Sequence[tuple[int, int]], device=None) -> Tensor:
         """``cat(grid_anchors(featmap_sizes, device))``, cached."""
         key = ("all", tuple((int(h), int(w)) for h, w in featmap_sizes), str(device))
         return self._cached(key, lambda: [torch.cat(self.grid_anchors(featmap_sizes, device))])[0]
 
-    def inside_flags(self, featmap_sizes: Sequence[Tuple[int, int]], pad_shape: Tuple[int, int],
-                     image_size: Tuple[int, int], allowed_border: float = 0, device=None) -> Tensor:
+    def inside_flags(self, featmap_sizes: Sequence[tuple[int, int]], pad_shape: tuple[int, int],
+                     image_size: tuple[int, int], allowed_border: float = 0, device=None) -> Tensor:
         """``anchor_inside_flags(all_anchors, cat(valid_flags), image_size, allowed_border)``, cached:
         the candidate anchors of one image for the RPN targets."""
         key = ("inside", tuple((int(h), int(w)) for h, w in featmap_sizes), tuple(map(int, pad_shape)),
@@ -137,8 +137,8 @@ class AnchorGenerator:
             self.all_anchors(featmap_sizes, device), torch.cat(self.valid_flags(featmap_sizes, pad_shape, device)),
             image_size, allowed_border)])[0]
 
-    def valid_flags(self, featmap_sizes: Sequence[Tuple[int, int]], pad_shape: Tuple[int, int],
-                    device=None) -> List[Tensor]:
+    def valid_flags(self, featmap_sizes: Sequence[tuple[int, int]], pad_shape: tuple[int, int],
+                    device=None) -> list[Tensor]:
         """Anchors whose feature-map cell lies on the (padded) image, per level.
 
         A level's cells with ``x < ceil(pad_w / stride)`` and ``y < ceil(pad_h / stride)`` are valid
@@ -157,7 +157,7 @@ class AnchorGenerator:
         key = ("valid", tuple((int(h), int(w)) for h, w in featmap_sizes), (pad_h, pad_w), str(device))
         return self._cached(key, lambda: self._valid_flags(featmap_sizes, pad_h, pad_w, device))
 
-    def _valid_flags(self, featmap_sizes, pad_h, pad_w, device) -> List[Tensor]:
+    def _valid_flags(self, featmap_sizes, pad_h, pad_w, device) -> list[Tensor]:
         out = []
         for level, (h, w) in enumerate(featmap_sizes):
             stride = self.strides[level]
@@ -170,7 +170,7 @@ class AnchorGenerator:
         return out
 
 
-def anchor_inside_flags(anchors: Tensor, valid_flags: Tensor, img_shape: Tuple[int, int],
+def anchor_inside_flags(anchors: Tensor, valid_flags: Tensor, img_shape: tuple[int, int],
                         allowed_border: float = 0) -> Tensor:
     """mmdet's ``anchor_inside_flags``: valid anchors lying within the image plus a border.
 

@@ -117,7 +117,7 @@ class ResNet(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_config(cls, cfg: BackboneConfig) -> "ResNet":
+    def from_config(cls, cfg: BackboneConfig) -> ResNet:
         return cls(cfg.depth, groups=cfg.groups, base_width=cfg.base_width,
                    base_channels=cfg.base_channels, stage_with_dcn=cfg.stage_with_dcn,
                    deform_groups=cfg.deform_groups, frozen_stages=cfg.frozen_stages,

@@ -13,7 +13,8 @@ results are bit-identical (tested against a float64 formula). No centre clamp (m
 ``add_ctr_clamp`` is only used by YOLOF).
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -77,7 +78,7 @@ def _is_identity(means, stds) -> bool:
 
 def decode_boxes(boxes: Tensor, deltas: Tensor, means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
                  stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-                 max_shape: Union[Tuple[int, int], Tensor, None] = None,
+                 max_shape: Union[tuple[int, int], Tensor, None] = None,
                  wh_ratio_clip: float = 16 / 1000) -> Tensor:
     """Apply ``deltas`` to ``boxes`` (mmdet's ``delta2bbox``, ``clip_border=True``).
 
@@ -153,7 +154,7 @@ class DeltaXYWHBoxCoder:
         """(N, 4) boxes, (N, 4) targets -> (N, 4) normalised deltas."""
         return encode_boxes(boxes, gt_boxes, self.means, self.stds)
 
-    def decode(self, boxes: Tensor, deltas: Tensor, max_shape: Optional[Tuple[int, int]] = None) -> Tensor:
+    def decode(self, boxes: Tensor, deltas: Tensor, max_shape: Optional[tuple[int, int]] = None) -> Tensor:
         """(N, 4) boxes, (N, 4 * C) deltas, optional (H, W) clip -> (N, 4 * C) boxes."""
         return decode_boxes(boxes, deltas, self.means, self.stds, max_shape, self.wh_ratio_clip)
 

@@ -6,7 +6,8 @@ Module layout = mmdetection's ``roi_head``: ``bbox_head.{i}``, ``mask_head.{i}``
 ``semantic_head`` (absent in HTC-without-semantic).
 """
 import collections
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ class StageLoss(NamedTuple):
 
 
 class CascadeLoss(NamedTuple):
-    stages: Tuple[StageLoss, ...]
+    stages: tuple[StageLoss, ...]
     semantic: Optional[Tensor]  # None without a semantic head or labels
 
 
@@ -51,10 +52,10 @@ class CascadeDetections(NamedTuple):
 _LAYOUTS = collections.OrderedDict()
 
 
-def _row_layout(image_shapes, counts, device) -> Tuple[Tensor, Tensor]:
+def _row_layout(image_shapes, counts, device) -> tuple[Tensor, Tensor]:
     """(R, 2) [h, w] of each row's image and (R, 1) float32 its image index (the rois' first
-    column), for R = sum(counts) rows of the images in order. Depends only on host values: built once per layout (a small LRU), so
-    a step dispatches no ops for it."""
+    column), for R = sum(counts) rows of the images in order. Depends only on host values: built
+    once per layout (a small LRU), so a step dispatches no ops for it."""
     key = (tuple((float(h), float(w)) for h, w in image_shapes), tuple(counts), str(device),
            torch.is_inference_mode_enabled())
     if key not in _LAYOUTS:
@@ -106,7 +107,7 @@ class HTCRoIHead(nn.Module):
     # ------------------------------------------------------------------------------- training
 
     def loss(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor],
-             gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor], image_shapes: Sequence[Tuple[int, int]],
+             gt_labels: Sequence[Tensor], gt_masks: Sequence[Tensor], image_shapes: Sequence[tuple[int, int]],
              semantic_labels: Optional[Tensor] = None, *, sampler: str = "random",
              generator: Optional[torch.Generator] = None,
              proposal_valid: Optional[Sequence[Tensor]] = None) -> CascadeLoss:
@@ -158,7 +159,7 @@ class HTCRoIHead(nn.Module):
             raise ValueError(f"sampler must be 'random' or 'first-k', got {name!r}")
         return cls(self.roi.sampler_num, self.roi.sampler_pos_fraction, -1, self.roi.add_gt_as_proposals)
 
-    def _sample(self, stage, sampler, boxes, valid, gt_boxes, gt_labels, generator) -> List[SamplingResult]:
+    def _sample(self, stage, sampler, boxes, valid, gt_boxes, gt_labels, generator) -> list[SamplingResult]:
         out = []
         for b, v, g, lab in zip(boxes, valid, gt_boxes, gt_labels):
             assigned = self.assigners[stage].assign(b, g, lab, valid=v)
@@ -177,7 +178,7 @@ class HTCRoIHead(nn.Module):
         gt = torch.where(is_pos[:, None], torch.cat([s.gt_boxes for s in samples]), boxes)
         return labels, valid.to(boxes.dtype), encode_boxes(boxes, gt, st.target_means, st.target_stds)
 
-    def _refine(self, stage, samples, rois, deltas, bounds) -> Tuple[List[Tensor], List[Tensor]]:
+    def _refine(self, stage, samples, rois, deltas, bounds) -> tuple[list[Tensor], list[Tensor]]:
         """Decode every slot in one pass; per image, the non-ground-truth sampled slots first
         (in slot order, as mmdet's list without the ground truth) and the rest marked invalid."""
         st = self.roi.stages[stage]
@@ -248,7 +249,7 @@ class HTCRoIHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, feats: Sequence[Tensor], proposals: Sequence[Tensor], image_shapes, scale_factors,
-                *, with_masks=True, proposal_valid: Optional[Sequence[Tensor]] = None) -> List[CascadeDetections]:
+                *, with_masks=True, proposal_valid: Optional[Sequence[Tensor]] = None) -> list[CascadeDetections]:
         """Cascade inference; detections sized to each image (one host sync reads all counts).
 
         proposals: per image (K_i, 4) (network-input pixels); proposal_valid: per image (K_i,)
@@ -299,7 +300,7 @@ class HTCRoIHead(nn.Module):
             results = self._predict_masks(feats, semantic_feat, results)
         return results, torch.stack(nums) if nums else torch.zeros(0, dtype=torch.long, device=device)
 
-    def _predict_masks(self, feats, semantic_feat, dets: List[CascadeDetections]) -> List[CascadeDetections]:
+    def _predict_masks(self, feats, semantic_feat, dets: list[CascadeDetections]) -> list[CascadeDetections]:
         """Merged mask probabilities for every detection row (padding rows have label -1, which
         ``htc_mask_probs`` turns into zero masks)."""
         rois = rois_from([d.input_boxes for d in dets]).to(feats[0].device)

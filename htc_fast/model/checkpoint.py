@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,9 +106,13 @@ def load_checkpoint(model: nn.Module, path_or_dict: str | os.PathLike | Mapping[
         except Exception as exc:  # noqa: BLE001 - re-raised with the hint that matters
             if not weights_only:
                 raise
-            raise ValueError(f"load_checkpoint: torch.load({str(path_or_dict)!r}, "
-                             f"weights_only=True) failed ({exc}). If the file is trusted, pass "
-                             "weights_only=False.") from exc
+            # the hint only where the weights-only unpickler refused a class ("Unsupported global"),
+            # not for an empty, truncated or foreign file (EOFError, KeyError, zip reader errors,
+            # "Unsupported operand": garbage read as pickle opcodes)
+            hint = ("If the file is trusted, pass weights_only=False." if "Unsupported global" in str(exc)
+                    else "Is it empty, truncated or not written by torch.save?")
+            raise ValueError(f"load_checkpoint: torch.load({str(path_or_dict)!r}, weights_only=True) failed "
+                             f"({type(exc).__name__}: {exc}). {hint}") from exc
     model_state = model.state_dict()
     try:
         state, source = _extract_state_dict(obj, source, model_state)

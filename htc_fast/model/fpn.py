@@ -61,7 +61,7 @@ class FPN(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: FPNConfig, in_channels: tuple[int, ...]) -> "FPN":
+    def from_config(cls, cfg: FPNConfig, in_channels: tuple[int, ...]) -> FPN:
         return cls(in_channels, cfg.out_channels, cfg.num_outs)
 
     def reset_parameters(self) -> None:

@@ -1,8 +1,8 @@
 """What the model takes and returns: a padded image batch, per-image ground truth, detections."""
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Union
 
-import torch
 from torch import Tensor
 
 
@@ -13,9 +13,9 @@ class ImageBatch:
     image (w_scale, h_scale) from the original image to the resized one; original_shapes: per
     image (h, w) of the original image (detections are returned in its pixels)."""
     images: Tensor
-    image_shapes: Sequence[Tuple[int, int]]
-    scale_factors: Sequence[Tuple[float, float]]
-    original_shapes: Sequence[Tuple[int, int]]
+    image_shapes: Sequence[tuple[int, int]]
+    scale_factors: Sequence[tuple[float, float]]
+    original_shapes: Sequence[tuple[int, int]]
 
     def __post_init__(self):
         if self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -45,9 +45,9 @@ class Targets:
     already sampled at the semantic head's stride s, (N, H / s, W / s) (rows/columns 0, s, 2s, ...:
     what the loss reads; the data pipeline's default), or None.
     """
-    boxes: List[Tensor]
-    labels: List[Tensor]
-    masks: List[Tensor]
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    masks: list[Tensor]
     semantic: Optional[Tensor] = None
 
     def to(self, device) -> "Targets":
@@ -65,4 +65,4 @@ class Detections(NamedTuple):
     boxes: Tensor
     scores: Tensor
     labels: Tensor
-    masks: Union[Tensor, List[dict], None]
+    masks: Union[Tensor, list[dict], None]

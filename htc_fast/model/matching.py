@@ -9,7 +9,7 @@ Convention of ``AssignResult.gt_inds`` (mmdet's, kept so recorded assignments co
 ``-1`` ignored (neither positive nor negative), ``0`` negative, ``k + 1`` positive matched to
 ground truth ``k``. ``SamplingResult.pos_assigned_gt_inds`` is 0-based.
 """
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -98,7 +98,7 @@ class MaxIoUAssigner:
     cascade stages (0.5, 0.5, 0.5), (0.6, ...), (0.7, ...) with ``match_low_quality=False``.
     """
 
-    def __init__(self, pos_iou_thr: float, neg_iou_thr: Union[float, Tuple[float, float]],
+    def __init__(self, pos_iou_thr: float, neg_iou_thr: Union[float, tuple[float, float]],
                  min_pos_iou: float = 0.0, gt_max_assign_all: bool = True,
                  ignore_iof_thr: float = -1.0, match_low_quality: bool = True):
         if isinstance(neg_iou_thr, (tuple, list)):

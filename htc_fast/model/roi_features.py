@@ -4,8 +4,9 @@ Box branch: 7x7 RoIAlign on P2..P5 (level by RoI scale) + the semantic feature's
 average-pooled to 7x7. Mask branch: 14x14 on P2..P5 + 14x14 on the semantic feature. Both use
 sampling_ratio 0 and aligned=True (mmcv's RoIAlign defaults that HTC keeps).
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor

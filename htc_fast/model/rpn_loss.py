@@ -12,7 +12,8 @@ mmdetection's ``AnchorHead.get_targets`` / ``loss_by_feat`` for the RPN of HTC:
   total is the sum over levels (mmdet logs the per-level lists ``loss_rpn_cls/bbox``).
 An image without ground truth gets only sampled negatives: a classification loss and a zero box loss.
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -44,24 +45,24 @@ class RPNTargets(NamedTuple):
     deltas: Tensor
     delta_weights: Tensor
     avg_factor: Tensor
-    sampling: Tuple[SamplingResult, ...]
+    sampling: tuple[SamplingResult, ...]
     inside: Tensor
 
 
 class RPNLoss(NamedTuple):
     """Per-level RPN losses (0-dim tensors, level 0 = stride 4), already weighted."""
 
-    cls: Tuple[Tensor, ...]
-    bbox: Tuple[Tensor, ...]
+    cls: tuple[Tensor, ...]
+    bbox: tuple[Tensor, ...]
 
     def total(self) -> Tensor:
         """Sum of every level's classification and box loss."""
         return torch.stack(list(self.cls)).sum() + torch.stack(list(self.bbox)).sum()
 
 
-def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple[int, int]],
-                gt_boxes: Sequence[Tensor], image_sizes: Sequence[Tuple[int, int]],
-                pad_shapes: Sequence[Tuple[int, int]], coder: DeltaXYWHBoxCoder,
+def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[tuple[int, int]],
+                gt_boxes: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+                pad_shapes: Sequence[tuple[int, int]], coder: DeltaXYWHBoxCoder,
                 assigner: MaxIoUAssigner, sampler: RandomSampler, allowed_border: float = 0,
                 gt_boxes_ignore: Optional[Sequence[Optional[Tensor]]] = None,
                 generator: Optional[torch.Generator] = None, device=None) -> RPNTargets:
@@ -109,7 +110,8 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[Tuple
         index = (result.inds,)
         objectness.append(anchors.new_zeros(anchors.shape[0]).index_put(index, pos))
         objectness_weights.append(anchors.new_zeros(anchors.shape[0]).index_put(index, result.valid.to(anchors.dtype)))
-        deltas.append(anchors.new_zeros(anchors.shape).index_put(index, coder.encode(result.boxes, gt_for) * pos[:, None]))
+        encoded = coder.encode(result.boxes, gt_for) * pos[:, None]
+        deltas.append(anchors.new_zeros(anchors.shape).index_put(index, encoded))
         delta_weights.append(anchors.new_zeros(anchors.shape).index_put(index, pos[:, None].expand(-1, 4)))
         sampling.append(result)
         inside_all.append(inside)
@@ -138,8 +140,8 @@ def rpn_loss(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], target
     if sum(counts) != targets.objectness.shape[1] or any(c.shape[0] != n for c in cls_logits):
         raise ValueError(f"rpn_loss: the outputs hold {sum(counts)} anchors per image for a batch of "
                          f"{cls_logits[0].shape[0]}, the targets {targets.objectness.shape[1]} for {n}")
-    losses_cls: List[Tensor] = []
-    losses_bbox: List[Tensor] = []
+    losses_cls: list[Tensor] = []
+    losses_bbox: list[Tensor] = []
     start = 0
     for logits, deltas, count in zip(cls_logits, bbox_deltas, counts):
         sl = slice(start, start + count)

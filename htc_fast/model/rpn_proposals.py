@@ -10,7 +10,8 @@ group) at ``iou_threshold``; keep the ``max_per_img`` best. HTC test: 1000 / 100
 Proposals carry no gradient (mmdet detaches the RPN outputs before post-processing).
 Does not own the network (``rpn_head.py``) or the training targets (``rpn_loss.py``).
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -59,9 +60,9 @@ def _check(cls_logits, bbox_deltas, anchors, image_sizes):
 
 @torch.no_grad()
 def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], anchors: Sequence[Tensor],
-                  image_sizes: Sequence[Tuple[int, int]], coder: DeltaXYWHBoxCoder, nms_pre: int,
+                  image_sizes: Sequence[tuple[int, int]], coder: DeltaXYWHBoxCoder, nms_pre: int,
                   max_per_img: int, iou_threshold: float = 0.7, min_bbox_size: float = 0.0,
-                  nms_backend: Optional[str] = None, padded: bool = False) -> List[Proposals]:
+                  nms_backend: Optional[str] = None, padded: bool = False) -> list[Proposals]:
     """Proposals for each image of a batch.
 
     Args:

@@ -5,9 +5,9 @@ logits (training only) and the semantic feature that the box and mask branches a
 features; the segmentation loss. Keys follow mmdetection's ``FusedSemanticHead``:
 ``lateral_convs.{i}.conv``, ``convs.{i}.conv``, ``conv_embedding.conv``, ``conv_logits``.
 """
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

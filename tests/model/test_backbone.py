@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from htc_fast.config import htc_r101_fpn_20e, htc_r50_fpn_1x, htc_tiny
+from htc_fast.config import htc_r50_fpn_1x, htc_r101_fpn_20e, htc_tiny
 from htc_fast.config import htc_x101_64x4d_fpn_dconv_c3_c5_mstrain_400_1400_16x1_20e as dcn_cfg
 from htc_fast.model.backbone import ResNet
 from htc_fast.model.frozen_bn import FrozenBatchNorm2d

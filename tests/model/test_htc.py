@@ -49,7 +49,7 @@ def tiny_batch(n_gt=(2, 1)):
     images = torch.randn(2, 3, 128, 160)
     batch = ImageBatch(images, [(128, 150), (120, 160)], [(1.0, 1.0), (160 / 133, 1.2)], [(128, 150), (100, 133)])
     boxes, labels, masks = [], [], []
-    for i, g in enumerate(n_gt):
+    for g in n_gt:
         xy = torch.rand(g, 2) * torch.tensor([90.0, 70.0])
         wh = 20 + torch.rand(g, 2) * 40
         b = torch.cat([xy, xy + wh], dim=1)

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from htc_fast.model.matching import (AssignResult, FirstKSampler, MaxIoUAssigner, RandomSampler,
-                                     bbox_overlaps)
+from htc_fast.model.matching import AssignResult, FirstKSampler, MaxIoUAssigner, RandomSampler, bbox_overlaps
 
 
 def grid_boxes(n, cells=8, step=4.0, dtype=torch.float64):
