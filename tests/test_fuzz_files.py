@@ -132,19 +132,29 @@ open(out, "w").write(json.dumps(results))
 '''
 
 
-def _subprocess(args: list[str], what: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+def _subprocess(args: list[str], what: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Runs `python *args`; pytest.fail naming the last "CASE" line on a crash, a hang or a traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
+                              timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        last = [ln for ln in (exc.stdout or b"").decode(errors="replace").splitlines() if ln.startswith("CASE")]
-        pytest.fail(f"{what} hung for {TIMEOUT_S} s (seed {SEED}); last case: {last[-1:] or 'none'}")
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        last = [ln for ln in out.splitlines() if ln.startswith("CASE")]
+        pytest.fail(f"{what} hung for {timeout} s (seed {SEED}); last case: {last[-1:] or 'none'}")
     if proc.returncode < 0 or proc.returncode > 2 or "Traceback" in proc.stderr:
         last = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE")]
         pytest.fail(f"{what} crashed or raised (exit {proc.returncode}, seed {SEED}); last case: "
                     f"{last[-1:] or 'none'}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.mark.parametrize("script, outcome", [("import os; os.abort()", "crashed"),
+                                             ("import time; time.sleep(30)", "hung")])
+def test_a_crash_or_hang_fails_naming_the_case(script, outcome):
+    """The isolation itself: a worker that aborts or hangs fails the test with its last case."""
+    with pytest.raises(pytest.fail.Exception, match=f"{outcome}.*CASE png_example"):
+        _subprocess(["-c", f"print('CASE png_example', flush=True); {script}"], "self-check", timeout=3)
 
 
 def _run_worker(entry: str, files: list[dict], tmp: Path, *extra: str) -> dict[str, dict]:
@@ -288,6 +298,7 @@ def _check_checkpoint(f: dict, r: dict) -> None:
     if r["outcome"] == "error":
         assert r["type"] in ("ValueError", "CheckpointMismatchError"), r
         assert f["path"] in r["message"], f"{f['kind']}: the error does not name the file: {r}"
+        assert "weights_only=False" not in r["message"], f"{f['kind']}: a misleading hint: {r}"
 
 
 @pytest.mark.parametrize("kind", ["valid_control", "zero_byte", "text", "truncated", "list_top_level",
