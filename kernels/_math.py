@@ -4,8 +4,19 @@ Exactly rounded operations: on NVIDIA GPUs Triton's fp32 ``/`` and ``sqrt`` are 
 the ops here must agree with their C++/PyTorch references bit for bit where a rounding decides a
 discrete outcome (a sampling grid size, an NMS suppression).
 """
+import torch
 import triton
 import triton.language as tl
+
+
+def threshold_as(threshold: float, dtype: torch.dtype) -> float:
+    """The largest `dtype` value not above `threshold`, as a Python float: comparing a `dtype` IoU
+    ``x > this`` equals comparing ``x > threshold`` in double (torchvision's rule). The reference
+    NMS (htc_fast/ops/reference/nms.py) applies the same rule with tensors; kernels import nothing
+    from htc_fast.ops, and the reference must work without triton, hence the two homes."""
+    t = torch.tensor(threshold, dtype=dtype)
+    below = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return float(torch.where(t.double() > threshold, below, t))
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Deformable convolution v1 / modulated v2 as Triton kernels, registered as ``htc_fast::*_triton``.
 
-Owns the implicit-GEMM forward and the ``torch.library.triton_op`` registrations with autograd.
+Owns the implicit-GEMM forward and the ``torch.library.triton_op`` registrations; autograd is
+registered by ``htc_fast/ops/deform_conv.py`` when it loads this module (one import direction).
 Argument checking and the backend choice live in ``htc_fast/ops/deform_conv.py``; the semantics
 (the spec every backend follows) in ``htc_fast/ops/reference/deform_conv.py``; the sampling arithmetic mirrors
 ``csrc/deform_conv/deform_conv_common.h``.
@@ -71,7 +72,6 @@ from htc_fast.kernels.deform_conv_common import (
     strides,
     tile_class,
 )
-from htc_fast.ops.deform_conv import register_deform_conv_autograd
 
 __all__ = ["deform_conv2d_triton", "deform_conv2d_backward_triton"]
 
@@ -151,7 +151,8 @@ def deform_conv2d_triton(input: Tensor, weight: Tensor, offset: Tensor, mask: Op
 
 # ------------------------------------------------------------------------------------- autograd
 
-register_deform_conv_autograd(deform_conv2d_triton, deform_conv2d_backward_triton)
+# Autograd is registered by htc_fast.ops.deform_conv when it loads this module (imports run
+# ops -> kernels only).
 
 if _INTERPRETED:
     from torch._subclasses.functional_tensor import FunctionalTensorMode

@@ -54,8 +54,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
 from htc_fast.kernels._device import on_device
-from htc_fast.kernels._math import div_rn
-from htc_fast.ops.reference.nms import _threshold_as
+from htc_fast.kernels._math import div_rn, threshold_as
 
 __all__ = ["nms_triton", "batched_nms_triton", "batched_nms_padded_triton"]
 
@@ -218,7 +217,7 @@ def _prepare(boxes, order, iou_threshold):
     """Boxes in `order`, contiguous in T, and the threshold as the largest T not above it."""
     acc = torch.float64 if boxes.dtype == torch.float64 else torch.float32
     sorted_boxes = boxes.index_select(0, order).to(acc).contiguous()
-    return sorted_boxes, float(_threshold_as(iou_threshold, acc).item())
+    return sorted_boxes, threshold_as(iou_threshold, acc)
 
 
 def _check(op, boxes, scores, idxs):

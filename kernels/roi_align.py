@@ -1,8 +1,10 @@
 """RoIAlign (single level and FPN multi-level) as Triton kernels, registered as ``htc_fast::*_triton``.
 
-Owns the Triton forward/backward kernels and their ``torch.library.triton_op`` registration with
-autograd. Argument checking and the backend choice live in ``htc_fast/ops/roi_align.py``; the exact
-semantics (the spec every backend follows) in ``htc_fast/ops/reference/roi_align.py``.
+Owns the Triton forward/backward kernels and their ``torch.library.triton_op`` registration; their
+autograd is registered by ``htc_fast/ops/roi_align.py`` when it loads this module (kernels import
+nothing from ``htc_fast.ops``). Argument checking and the backend choice live in
+``htc_fast/ops/roi_align.py``; the exact semantics (the spec every backend follows) in
+``htc_fast/ops/reference/roi_align.py``.
 
 Math (torchvision's RoIAlign, average pooling). RoI k = [b, x1, y1, x2, y2], scale s, off = 0.5 if
 aligned else 0: start = x1*s - off, roi size = (x2 - x1)*s (>= 1 unless aligned), bin = size / P,
@@ -51,7 +53,6 @@ from torch.library import triton_op, wrap_triton
 from htc_fast.kernels._determinism import alert_not_deterministic
 from htc_fast.kernels._device import on_device
 from htc_fast.kernels._math import div_rn, sqrt_rn
-from htc_fast.ops.roi_align import register_multilevel_autograd, register_roi_align_autograd
 
 __all__ = ["roi_align_triton", "roi_align_backward_triton", "multilevel_roi_align_triton",
            "multilevel_roi_align_backward_triton", "MAX_LEVELS"]
@@ -378,9 +379,8 @@ def multilevel_roi_align_backward_triton(grad: Tensor, rois: Tensor, spatial_sca
 
 # ------------------------------------------------------------------------------------- autograd
 
-# Autograd: the same glue as the C++ operators, with the Triton backward kernels.
-register_roi_align_autograd(roi_align_triton, roi_align_backward_triton)
-register_multilevel_autograd(multilevel_roi_align_triton, multilevel_roi_align_backward_triton)
+# Autograd: the same glue as the C++ operators, with the Triton backward kernels, registered by
+# htc_fast.ops.roi_align when it loads this module (imports run ops -> kernels only).
 
 if _INTERPRETED:
     from torch._subclasses.functional_tensor import FunctionalTensorMode

@@ -12,6 +12,8 @@ cast; the kernels accumulate in fp32), while offsets and masks are geometry and 
 TorchScript: the public function is not scriptable (keyword-only ``backend=``, Python-level
 checks); use ``torch.compile`` or ``torch.export``, which trace through the registered operators.
 """
+import functools
+
 import torch
 from torch import Tensor
 
@@ -132,9 +134,14 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation):
     return groups, offset_groups
 
 
+@functools.cache
 def _triton():
+    """The Triton kernels module; its operator gets this module's autograd on first load (kernels
+    import nothing from htc_fast.ops, so the registration lives here, once)."""
     from htc_fast.kernels import deform_conv as triton_deform_conv
 
+    register_deform_conv_autograd(triton_deform_conv.deform_conv2d_triton,
+                                  triton_deform_conv.deform_conv2d_backward_triton)
     return triton_deform_conv
 
 

@@ -13,6 +13,8 @@ operators directly under ``torch.autocast``.
 TorchScript: the public function is not scriptable (keyword-only ``backend=``, Python-level
 checks); use ``torch.compile`` or ``torch.export``, which trace through the registered operators.
 """
+import functools
+
 import torch
 from torch import Tensor
 
@@ -201,9 +203,15 @@ def _check_rois(rois, batch_size):
                            "(debug check)")
 
 
+@functools.cache
 def _triton():
+    """The Triton kernels module; its operators get this module's autograd on first load (kernels
+    import nothing from htc_fast.ops, so the registration lives here, once)."""
     from htc_fast.kernels import roi_align as triton_roi_align
 
+    register_roi_align_autograd(triton_roi_align.roi_align_triton, triton_roi_align.roi_align_backward_triton)
+    register_multilevel_autograd(triton_roi_align.multilevel_roi_align_triton,
+                                 triton_roi_align.multilevel_roi_align_backward_triton)
     return triton_roi_align
 
 

@@ -135,7 +135,9 @@ def _pair(v):
 def _operators(fast_backend):
     if fast_backend == "cpp":
         return torch.ops.htc_fast.deform_conv2d, torch.ops.htc_fast.deform_conv2d_backward
-    from htc_fast.kernels import deform_conv  # noqa: F401  (registers htc_fast::deform_conv2d_triton)
+    from htc_fast.ops.deform_conv import _triton
+
+    _triton()  # defines htc_fast::deform_conv2d_triton and registers its autograd
 
     return torch.ops.htc_fast.deform_conv2d_triton, None
 

@@ -174,8 +174,9 @@ def test_opcheck(fast_backend, device):
         forward = torch.ops.htc_fast.multilevel_roi_align
         backward = torch.ops.htc_fast.multilevel_roi_align_backward
     else:
-        from htc_fast.kernels import roi_align as kernels
+        from htc_fast.ops.roi_align import _triton  # the kernels, with their autograd registered
 
+        kernels = _triton()
         forward, backward = kernels.multilevel_roi_align_triton, kernels.multilevel_roi_align_backward_triton
     torch.library.opcheck(forward, (feats, rois, scales, 1, 2, 0, True, 14.0))
     grad = torch.randn(rois.shape[0], 3, 1, 2, device=device)

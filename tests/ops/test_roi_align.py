@@ -56,9 +56,9 @@ def raw_op(backend):
         return reference.roi_align
     if backend == "cpp":
         return torch.ops.htc_fast.roi_align
-    from htc_fast.kernels import roi_align as triton_roi_align
+    from htc_fast.ops.roi_align import _triton  # the kernels, with their autograd registered
 
-    return triton_roi_align.roi_align_triton
+    return _triton().roi_align_triton
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
@@ -242,8 +242,9 @@ def test_opcheck(fast_backend, device):
     if fast_backend == "cpp":
         forward, backward = torch.ops.htc_fast.roi_align, torch.ops.htc_fast.roi_align_backward
     else:
-        from htc_fast.kernels import roi_align as kernels
+        from htc_fast.ops.roi_align import _triton  # the kernels, with their autograd registered
 
+        kernels = _triton()
         forward, backward = kernels.roi_align_triton, kernels.roi_align_backward_triton
     torch.library.opcheck(forward, (x, rois, 0.5, 1, 2, 0, True))
     grad = torch.randn(2, 3, 1, 2, device=device)
