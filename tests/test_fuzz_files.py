@@ -303,11 +303,6 @@ def _check_checkpoint(f: dict, r: dict) -> None:
 
 
 @pytest.mark.parametrize("kind", ["valid_control", "zero_byte", "text", "truncated", "list_top_level",
-                                  "state_dict_not_a_dict"])
+                                  "state_dict_not_a_dict", "wrong_keys"])
 def test_load_checkpoint_rejects_bad_files_naming_them(checkpoints, kind):
     _check_checkpoint(*checkpoints[kind])
-
-
-@pytest.mark.xfail(strict=True, reason="issue 16: CheckpointMismatchError lists the keys but not the file")
-def test_load_checkpoint_mismatch_names_the_file(checkpoints):
-    _check_checkpoint(*checkpoints["wrong_keys"])

@@ -74,11 +74,12 @@ class LoadReport:
 
 
 class CheckpointMismatchError(ValueError):
-    """Raised by `load_checkpoint(strict=True)`; `.report` holds the full LoadReport."""
+    """Raised by `load_checkpoint(strict=True)`; `.report` holds the full LoadReport, `path` the
+    file it was read from (None for an already-loaded dict)."""
 
-    def __init__(self, report: LoadReport):
-        super().__init__(report.describe())
-        self.report = report
+    def __init__(self, report: LoadReport, path: str | os.PathLike | None = None):
+        super().__init__(report.describe() if path is None else f"{os.fspath(path)}: {report.describe()}")
+        self.report, self.path = report, path
 
 
 def load_checkpoint(model: nn.Module, path_or_dict: str | os.PathLike | Mapping[str, Any], *,
@@ -147,7 +148,7 @@ def load_checkpoint(model: nn.Module, path_or_dict: str | os.PathLike | Mapping[
     report.shape_mismatches.sort()
 
     if strict and not report.ok:
-        raise CheckpointMismatchError(report)
+        raise CheckpointMismatchError(report, None if obj is path_or_dict else path_or_dict)
     model.load_state_dict(loadable, strict=False)
     report.loaded = len(loadable)
     return report
