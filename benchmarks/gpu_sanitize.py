@@ -59,6 +59,12 @@ def case_nms(backend, device, gen):
     pairs = [(ops.nms(boxes, scores, 0.5, backend=backend), ops.nms(boxes, scores, 0.5, backend="reference")),
              (ops.batched_nms(boxes, scores, idxs, 0.5, backend=backend),
               ops.batched_nms(boxes, scores, idxs, 0.5, backend="reference"))]
+    # Fixed capacity (the sync-free path): device segment bounds, grid-stride reduce, compaction.
+    for cap, group in ((50, n), (400, 70)):
+        got = ops.batched_nms(boxes, scores, idxs, 0.5, max_output=cap, max_group_size=group, backend=backend)
+        want = ops.batched_nms(boxes, scores, idxs, 0.5, max_output=cap, max_group_size=group,
+                               backend="reference")
+        pairs += [(got.keep, want.keep), (got.num_kept, want.num_kept)]
     return pairs
 
 
