@@ -64,12 +64,17 @@ def _bench_predict(benchmark, model, device, dtype, impl, images, group, role=No
     gen = torch.Generator().manual_seed(1)
     data = torch.randn(images, 3, HEIGHT, WIDTH, generator=gen).to(device)
     batch = ImageBatch(data, [(HEIGHT, WIDTH)] * images, [(1.0, 1.0)] * images, [(HEIGHT, WIDTH)] * images)
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-    backends = use_backend("reference") if impl == "reference" else contextlib.nullcontext()
+    # Factories, not context objects: the step runs many times (rounds, then once under count_ops),
+    # and use_backend's context manager is single-use.
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+    def backends():
+        return use_backend("reference") if impl == "reference" else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def target():
-        with backends, autocast:
+        with backends(), autocast():
             dets = net.predict(batch, masks="bitmap")
         sync()
         return dets

@@ -54,13 +54,18 @@ def test_htc_train_iteration(benchmark, device, dtype, impl, direction):
     model = build_htc(get_config("htc_r50_fpn_1x")).to(device).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     inputs, targets = batch(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-    backends = use_backend("reference") if impl == "reference" else contextlib.nullcontext()
+    # Factories, not context objects: the step runs many times (rounds, then once under count_ops),
+    # and use_backend's context manager is single-use.
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+    def backends():
+        return use_backend("reference") if impl == "reference" else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
-        with backends:
-            with autocast:
+        with backends():
+            with autocast():
                 loss = model(inputs, targets).total()
             opt.zero_grad(set_to_none=True)
             loss.backward()
