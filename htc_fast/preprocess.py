@@ -26,11 +26,12 @@ ImageLike = Union[str, Path, np.ndarray, Tensor]
 
 def load_image(path: Union[str, Path]) -> Tensor:
     """(3, H, W) uint8 RGB (channels-last memory: a view of an (H, W, 3) array), upright, from an
-    image file (`htc_fast.data.image_decode`: Pillow, every mode to RGB, EXIF orientation applied
-    as mmcv does); FileNotFoundError when missing, ValueError naming the file when unreadable."""
+    image file (`htc_fast.data.image_decode`: plain JPEGs through torchvision's libjpeg-turbo,
+    everything else through Pillow; every mode to RGB, EXIF orientation applied as mmcv does);
+    FileNotFoundError when missing, ValueError naming the file when unreadable."""
     from htc_fast.data.image_decode import read_rgb  # lazy: htc_fast.data imports this module
 
-    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1)  # Pillow's array is read-only
+    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1)  # the decoded array may be read-only
 
 
 def as_image_tensor(image: ImageLike) -> Tensor:

@@ -19,7 +19,8 @@ Training samples are produced at the network size in one step (`resized_sample`:
 polygons rasterised there as `MaskCrops`, semantic maps at the head's stride); with
 `coco_train_dataset(..., data_device="cuda")` the workers only read bytes and parse annotations,
 and each batch decodes, resizes, flips, normalises and pads its images on the GPU
-(`device_decode`). Images are decoded by Pillow (`image_decode`): a corrupt file raises naming it.
+(`device_decode`). Images are decoded by `image_decode` (plain JPEGs by libjpeg-turbo through
+torchvision, everything else by Pillow): a corrupt file raises naming it.
 """
 from htc_fast.data.coco import BadSampleError, CocoDetection, Sample, decode_segmentation
 from htc_fast.data.collate import TestBatch, TrainBatch, batch_images, collate_test, collate_train
@@ -28,22 +29,22 @@ from htc_fast.data.image_decode import decode_rgb, read_rgb
 from htc_fast.data.mask_crops import MaskCrops
 from htc_fast.data.report import DatasetReport
 from htc_fast.data.samplers import (
-                                    GroupedBatchSampler,
-                                    InferenceSampler,
-                                    build_test_loader,
-                                    build_train_loader,
-                                    coco_test_dataset,
-                                    coco_train_dataset,
+    GroupedBatchSampler,
+    InferenceSampler,
+    build_test_loader,
+    build_train_loader,
+    coco_test_dataset,
+    coco_train_dataset,
 )
 from htc_fast.data.semantic import IGNORE_INDEX, MissingStuffMapError, load_stuff_map, semantic_from_instances
 from htc_fast.data.transforms import (
-                                    TestTransform,
-                                    TrainTransform,
-                                    draw_train_scale,
-                                    flip_boxes,
-                                    flip_sample,
-                                    resize_nearest,
-                                    resize_sample,
+    TestTransform,
+    TrainTransform,
+    draw_train_scale,
+    flip_boxes,
+    flip_sample,
+    resize_nearest,
+    resize_sample,
 )
 
 __all__ = [
