@@ -10,14 +10,6 @@ from tests.support import require_backend
 C = torch.ops.htc_fast
 
 
-@pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def backward_calls(device):
     """(name, call) for every backward operator with an atomic CUDA kernel."""
     rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 5.0]], device=device)

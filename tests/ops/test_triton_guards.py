@@ -9,14 +9,6 @@ from tests.support import require_backend
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def test_atomic_backwards_alert_in_deterministic_mode(device, deterministic):
     require_backend("triton", device.type)
     from htc_fast.kernels import deform_conv, roi_align
