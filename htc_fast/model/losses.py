@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["weight_reduce", "smooth_l1_loss", "l1_loss", "sigmoid_bce_loss", "cross_entropy_loss"]
+__all__ = ["weight_reduce", "smooth_l1_loss", "sigmoid_bce_loss"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -54,16 +54,6 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Opti
     return weight_reduce(loss, weight, avg_factor)
 
 
-def l1_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-            avg_factor: Optional[float] = None) -> Tensor:
-    """|pred - target| with mmdet's reduction. Empty input gives a 0 connected to ``pred``."""
-    if pred.shape != target.shape:
-        raise ValueError(f"l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    if target.numel() == 0:
-        return pred.sum() * 0
-    return weight_reduce(torch.abs(pred - target), weight, avg_factor)
-
-
 def sigmoid_bce_loss(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None,
                      avg_factor: Optional[float] = None) -> Tensor:
     """Binary cross-entropy on logits (mmdet's ``CrossEntropyLoss(use_sigmoid=True)``).
@@ -75,16 +65,4 @@ def sigmoid_bce_loss(logits: Tensor, targets: Tensor, weight: Optional[Tensor] =
         raise ValueError(f"sigmoid_bce_loss: logits {tuple(logits.shape)} and targets "
                          f"{tuple(targets.shape)} differ")
     loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
-    return weight_reduce(loss, None if weight is None else weight.float(), avg_factor)
-
-
-def cross_entropy_loss(logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None,
-                       avg_factor: Optional[float] = None, ignore_index: int = -100) -> Tensor:
-    """Softmax cross-entropy (mmdet's ``CrossEntropyLoss``): ``logits`` (N, C), ``labels`` (N,)
-    int64, per-sample ``weight`` (N,). Ignored labels contribute 0 but still count in the mean
-    when ``avg_factor`` is None (mmdet's default, ``avg_non_ignore=False``)."""
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy_loss: logits must be (N, C) and labels (N,), got "
-                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-    loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
     return weight_reduce(loss, None if weight is None else weight.float(), avg_factor)
