@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from htc_fast.model.losses import smooth_l1_loss
+
 
 class BoxHeadOutput(NamedTuple):
     cls_logits: Tensor  # (R, num_classes + 1), background last
@@ -80,12 +82,7 @@ def box_head_loss(out: BoxHeadOutput, labels: Tensor, delta_targets: Tensor, *, 
     cls = cls_weight * (ce * w).sum() / count
     background = out.cls_logits.shape[1] - 1
     pos = ((labels >= 0) & (labels < background)).to(w.dtype) * w
-    diff = (out.deltas - delta_targets).abs()
-    if smooth_l1_beta > 0:
-        per = torch.where(diff < smooth_l1_beta, 0.5 * diff * diff / smooth_l1_beta, diff - 0.5 * smooth_l1_beta)
-    else:
-        per = diff
-    box = box_weight * (per * pos[:, None]).sum() / count
+    box = box_weight * smooth_l1_loss(out.deltas, delta_targets, smooth_l1_beta, pos[:, None], reduction="sum") / count
     correct = (out.cls_logits.argmax(1) == labels).to(w.dtype)
     accuracy = (correct * w).sum() / count * 100
     return BoxLoss(cls, box, accuracy.detach())

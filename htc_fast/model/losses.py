@@ -37,20 +37,36 @@ def weight_reduce(loss: Tensor, weight: Optional[Tensor] = None,
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Optional[Tensor] = None,
-                   avg_factor: Optional[float] = None) -> Tensor:
+                   avg_factor: Optional[float] = None, reduction: str = "mean") -> Tensor:
     """Huber-style smooth L1: ``0.5 d^2 / beta`` for ``d < beta``, else ``d - 0.5 beta``
-    (d = |pred - target|). HTC: RPN beta 1/9, cascade box heads beta 1.0.
+    (d = |pred - target|); ``beta = 0`` is plain L1, as in ``torch.nn.functional.smooth_l1_loss``.
+    HTC: RPN beta 1/9, cascade box heads beta 1.0.
 
-    pred, target: same shape; weight: broadcastable. Empty input gives a 0 connected to ``pred``.
+    Args:
+        pred, target: same shape; weight: broadcastable to it, or None.
+        beta: >= 0.
+        avg_factor: the normaliser of ``reduction="mean"`` (see ``weight_reduce``).
+        reduction: "mean" (mmdet's, ``weight_reduce``) or "sum": the weighted sum, for callers
+            that divide by a normaliser of their own (the box head's count stays on the device).
+
+    Returns:
+        A 0-dim tensor; empty input gives a 0 connected to ``pred``.
     """
-    if beta <= 0:
-        raise ValueError(f"smooth_l1_loss: beta must be positive, got {beta}")
+    if not beta >= 0:
+        raise ValueError(f"smooth_l1_loss: beta must be >= 0, got {beta}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"smooth_l1_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction == "sum" and avg_factor is not None:
+        raise ValueError("smooth_l1_loss: avg_factor is the normaliser of reduction='mean'; "
+                         "reduction='sum' takes none")
     if pred.shape != target.shape:
         raise ValueError(f"smooth_l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     if target.numel() == 0:
         return pred.sum() * 0
     diff = torch.abs(pred - target)
-    loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+    loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta) if beta > 0 else diff
+    if reduction == "sum":
+        return (loss if weight is None else loss * weight).sum()
     return weight_reduce(loss, weight, avg_factor)
 
 
