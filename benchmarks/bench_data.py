@@ -49,8 +49,8 @@ from htc_fast.data import (
     semantic_from_instances,
 )
 from htc_fast.data.image_decode import read_rgb
+from htc_fast.data.preprocess import rescale_size, resize_float
 from htc_fast.data.transforms import resize_boxes
-from htc_fast.preprocess import rescale_size, resize_float
 
 ROOT = Path(__file__).resolve().parents[1] / "tests" / "data" / "coco_mini"
 ANN_FILE, IMAGE_DIR = ROOT / "annotations" / "instances_val2017_mini.json", ROOT / "val2017"

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from htc_fast.config import get_config
+from htc_fast.data.preprocess import ImageLike
 from htc_fast.inference import (
     AMP_DTYPES,
     build_inference_loader,
@@ -36,7 +37,6 @@ from htc_fast.inference.visualize import draw, to_json
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import Detections
-from htc_fast.preprocess import ImageLike
 from htc_fast.weights import resolve_weights
 
 

@@ -270,8 +270,8 @@ def maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, what):
 def draw_predictions(model, cfg, image_path, out_path, device, names):
     from torchvision.io import write_png
 
+    from htc_fast.data.preprocess import load_image, make_batch
     from htc_fast.inference.visualize import draw
-    from htc_fast.preprocess import load_image, make_batch
 
     image = load_image(image_path)
     model.eval()

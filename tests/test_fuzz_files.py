@@ -104,7 +104,7 @@ def run(kind, fn):
     except Exception as exc:
         results.append({"kind": kind, "outcome": "error", "type": type(exc).__name__, "message": str(exc)})
 if entry == "load_image":
-    from htc_fast.preprocess import load_image
+    from htc_fast.data.preprocess import load_image
     def decode(f):
         image = load_image(f["path"])
         if f["ref"]:

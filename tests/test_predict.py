@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from htc_fast import predict as predict_cli
+from htc_fast.data.preprocess import MEAN, STD, as_image_tensor, load_image, make_batch, rescale_size
 from htc_fast.predict import Predictor
-from htc_fast.preprocess import MEAN, STD, as_image_tensor, load_image, make_batch, rescale_size
 
 PHOTO = Path(__file__).parent / "data" / "rocket.jpg"
 

@@ -22,9 +22,9 @@ from torch import Tensor
 from htc_fast.data.coco import Sample
 from htc_fast.data.device_decode import EncodedImage, decode_batch
 from htc_fast.data.mask_crops import MaskCrops
+from htc_fast.data.preprocess import MEAN, STD
 from htc_fast.data.semantic import IGNORE_INDEX
 from htc_fast.model.inputs import ImageBatch, Targets
-from htc_fast.preprocess import MEAN, STD
 
 
 def _pin(t: Tensor) -> Tensor:

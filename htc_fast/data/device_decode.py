@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from htc_fast.data.image_decode import decode_rgb, exif_orientation, is_plain_jpeg
-from htc_fast.preprocess import resize
+from htc_fast.data.preprocess import resize
 
 
 @dataclass(frozen=True)

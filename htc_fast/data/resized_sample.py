@@ -17,10 +17,10 @@ from torch import Tensor
 from htc_fast.data.device_decode import EncodedImage, encode_image
 from htc_fast.data.image_decode import read_file
 from htc_fast.data.mask_crops import MaskCrops
+from htc_fast.data.preprocess import rescale_size, resize
 from htc_fast.data.raster import dense_crops, paint_labels, polygon_crops, rasterise_polygons, sample_grid
 from htc_fast.data.semantic import IGNORE_INDEX, load_stuff_map
 from htc_fast.data.transforms import flip_boxes, resize_boxes
-from htc_fast.preprocess import rescale_size, resize
 
 if TYPE_CHECKING:
     from htc_fast.data.coco import CocoDetection, Sample

@@ -6,9 +6,9 @@ uint8 until then, so a flip applied twice is exactly the identity and workers mo
 
 Why plain functions rather than torchvision.transforms.v2: v2.Resize computes the output size by
 truncation and antialiases bilinear downscaling, while HTC needs mmcv's keep-ratio rule
-(`int(side * factor + 0.5)`, `htc_fast.preprocess.rescale_size`), the exact per-axis scale factors
+(`int(side * factor + 0.5)`, `htc_fast.data.preprocess.rescale_size`), the exact per-axis scale factors
 (new_w / w, new_h / h) and the same un-antialiased bilinear resize as inference
-(`htc_fast.preprocess.resize`); and the random draws must come from an explicit generator for
+(`htc_fast.data.preprocess.resize`); and the random draws must come from an explicit generator for
 reproducibility. The rules below are mmdetection's (2.x and 3.x agree):
   * image: bilinear (as `preprocess.resize`); masks and semantic map: NEAREST
     (`BitmapMasks.rescale(scale, interpolation='nearest')`, `mmcv.imrescale(seg, interpolation=
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from htc_fast.config import DataConfig
 from htc_fast.data.coco import Sample
-from htc_fast.preprocess import rescale_size, resize
+from htc_fast.data.preprocess import rescale_size, resize
 
 
 def resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -122,7 +122,7 @@ class TrainTransform:
 
 
 class TestTransform:
-    """Resize to `cfg.test_scale`, no flip (what `htc_fast.preprocess.make_batch` does)."""
+    """Resize to `cfg.test_scale`, no flip (what `htc_fast.data.preprocess.make_batch` does)."""
     __test__ = False  # not a pytest class
 
     def __init__(self, cfg: DataConfig):

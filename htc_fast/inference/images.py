@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from htc_fast.preprocess import ImageLike, as_image_tensor, rescale_size, resize
+from htc_fast.data.preprocess import ImageLike, as_image_tensor, rescale_size, resize
 
 # What a folder given to ``predict`` contributes (compared case-insensitively).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -86,7 +86,7 @@ def prepare_image(image: ImageLike, scale: tuple[int, int], key: Hashable = None
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Items ``(source, key)``: source a path (or an array / tensor, see htc_fast.preprocess), key
+    """Items ``(source, key)``: source a path (or an array / tensor, see htc_fast.data.preprocess), key
     anything identifying it for the caller. Item i is a PreparedImage or, when the image cannot be
     read or resized, an Unreadable.
 

@@ -17,10 +17,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from htc_fast.data.collate import normalize_into_batch, padded_size
+from htc_fast.data.preprocess import MEAN, STD, ImageLike
 from htc_fast.data.samplers import InferenceSampler
 from htc_fast.inference.images import ImageFiles, PreparedImage, Unreadable
 from htc_fast.model.inputs import ImageBatch
-from htc_fast.preprocess import MEAN, STD, ImageLike
 
 
 @dataclass(frozen=True)

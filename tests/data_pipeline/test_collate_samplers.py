@@ -17,8 +17,8 @@ from htc_fast.data import (
     build_train_loader,
     collate_train,
 )
+from htc_fast.data.preprocess import MEAN, STD, make_batch
 from htc_fast.model.inputs import ImageBatch, Targets
-from htc_fast.preprocess import MEAN, STD, make_batch
 from tests.data_pipeline import ANN_FILE, EMPTY_IMAGE_ID, IMAGE_DIR
 
 SMALL = DataConfig(train_scale=(160, 100), test_scale=(160, 100))

@@ -13,7 +13,7 @@ from PIL import Image
 from htc_fast.config import DataConfig
 from htc_fast.data import BadSampleError, CocoDetection, TrainTransform, build_train_loader
 from htc_fast.data.device_decode import EncodedImage, decode_batch, encode_image
-from htc_fast.preprocess import STD
+from htc_fast.data.preprocess import STD
 from tests.data_pipeline import ANN_FILE, IMAGE_DIR
 
 CFG = DataConfig(train_scale=(400, 240))

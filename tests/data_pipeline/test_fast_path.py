@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from htc_fast.data import CocoDetection, collate_train, flip_sample, resize_nearest, resize_sample
+from htc_fast.data.preprocess import resize, resize_float
 from htc_fast.data.raster import nearest_source_index, rasterise_polygons
 from htc_fast.model.htc import _downscale_labels
-from htc_fast.preprocess import resize, resize_float
 from tests.data_pipeline import ANN_FILE, IMAGE_DIR
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from htc_fast.data.image_decode import decode_rgb, read_label_map, read_rgb
-from htc_fast.preprocess import load_image
+from htc_fast.data.preprocess import load_image
 from tests.data_pipeline import IMAGE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ def _corrupt_files(folder: Path):
 def test_corrupt_files_raise_a_clear_error_in_a_subprocess(tmp_path):
     """Run where a crash cannot take pytest down: each file must give a ValueError naming it."""
     names = _corrupt_files(tmp_path)
-    script = ("import sys\nfrom htc_fast.preprocess import load_image\n"
+    script = ("import sys\nfrom htc_fast.data.preprocess import load_image\n"
               "for p in sys.argv[1:]:\n"
               "    try:\n        load_image(p)\n        print('DECODED', p)\n"
               "    except ValueError as e:\n        print('ERROR', e)\n")

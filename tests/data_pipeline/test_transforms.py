@@ -18,7 +18,7 @@ from htc_fast.data import (
     resize_sample,
 )
 from htc_fast.data.mask_crops import MaskCrops
-from htc_fast.preprocess import make_batch, rescale_size
+from htc_fast.data.preprocess import make_batch, rescale_size
 from tests.data_pipeline import ANN_FILE, IMAGE_DIR
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
+from htc_fast.data.preprocess import load_image, make_batch, rescale_size, resize
 from htc_fast.inference import (
     ImageFiles,
     PreparedImage,
@@ -17,7 +18,6 @@ from htc_fast.inference import (
     list_images,
     prepare_image,
 )
-from htc_fast.preprocess import load_image, make_batch, rescale_size, resize
 from tests.inference.conftest import PHOTOS
 
 
@@ -110,7 +110,7 @@ def test_a_folder_copy_of_real_photos_loads_in_order(tmp_path):
 
 def test_collated_batch_is_make_batchs_preprocessing():
     """The loader's batch (uint8 pixels from the worker, padded and normalised where they are read)
-    equals htc_fast.preprocess.make_batch on the same images, bit for bit."""
+    equals htc_fast.data.preprocess.make_batch on the same images, bit for bit."""
     photos = [PHOTOS[i] for i in torch.randperm(len(PHOTOS))[:3].tolist()]
     scale = (int(torch.randint(100, 300, ())), int(torch.randint(60, 200, ())))
     batch = collate_images([prepare_image(p, scale) for p in photos])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from htc_fast.data.image_decode import read_rgb
 from htc_fast.model.inputs import ImageBatch
 
 MEAN = (123.675, 116.28, 103.53)
@@ -29,8 +30,6 @@ def load_image(path: Union[str, Path]) -> Tensor:
     image file (`htc_fast.data.image_decode`: plain JPEGs through torchvision's libjpeg-turbo,
     everything else through Pillow; every mode to RGB, EXIF orientation applied as mmcv does);
     FileNotFoundError when missing, ValueError naming the file when unreadable."""
-    from htc_fast.data.image_decode import read_rgb  # lazy: htc_fast.data imports this module
-
     return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1)  # the decoded array may be read-only
 
 
