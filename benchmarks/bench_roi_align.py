@@ -33,8 +33,8 @@ import torch
 import torchvision
 
 import htc_fast.ops
+from htc_fast.diagnostics.baselines import mmdet_levels, per_level_torchvision
 from htc_fast.ops import _backend
-from tests.ops.test_multilevel_roi_align import mmdet_levels, per_level_torchvision
 
 IMAGE_H, IMAGE_W = 800, 1344  # HTC's 1333x800, padded to a multiple of 32
 CHANNELS = 256
@@ -127,10 +127,10 @@ def _torchvision_dtypes(device):
     return tuple(ok)
 
 
-# The per-level baseline is the test suite's oracle, mmdetection's SingleRoIExtractor loop: one
-# boolean mask per level (a host sync on CUDA), torchvision on that level's RoIs, a scatter into
-# the output; rois go to the features' dtype per call because torchvision requires it (fp16
-# boxes under AMP, the trap htc_fast avoids).
+# The per-level baseline is the test suite's oracle (htc_fast.diagnostics.baselines), mmdetection's
+# SingleRoIExtractor loop: one boolean mask per level (a host sync on CUDA), torchvision on that
+# level's RoIs, a scatter into the output; rois go to the features' dtype per call because
+# torchvision requires it (fp16 boxes under AMP, the trap htc_fast avoids).
 
 
 # ----------------------------------------------------------------------------- cases

@@ -2,7 +2,8 @@
 
 Runs the FPN RoI extractor of HTC (multi-level RoIAlign, P2-P5 at 256 channels, 512 RoIs at 7x7)
 on random features with every backend available on this machine, checks each against
-torchvision's per-level loop (mmdetection's way), and prints the times.
+torchvision's per-level loop (mmdetection's way, ``htc_fast.diagnostics.baselines``), and prints
+the times.
 """
 import argparse
 import os
@@ -10,21 +11,10 @@ import time
 import warnings
 
 import torch
-import torchvision
 
 import htc_fast
+from htc_fast.diagnostics.baselines import per_level_torchvision
 from htc_fast.ops import _backend
-
-
-def per_level_torchvision(features, rois, strides, finest_scale=56):
-    """mmdetection's SingleRoIExtractor: one torchvision call per level, boolean masks."""
-    levels = htc_fast.ops.map_roi_levels(rois, len(features), finest_scale)
-    out = features[0].new_zeros(rois.shape[0], features[0].shape[1], 7, 7)
-    for i, (f, s) in enumerate(zip(features, strides)):
-        mask = levels == i
-        if mask.any():
-            out[mask] = torchvision.ops.roi_align(f, rois[mask], 7, 1.0 / s, 0, True)
-    return out
 
 
 def random_rois(n, height, width, generator, device):
@@ -60,7 +50,8 @@ def main(argv=None):
     height, width = 800, 1344
     features = [torch.randn(1, 256, height // s, width // s, generator=g).to(args.device) for s in strides]
     rois = random_rois(args.rois, height, width, g, args.device)
-    expected, t_ref = timed(lambda: per_level_torchvision(features, rois, strides), args.device, args.repeats)
+    expected, t_ref = timed(lambda: per_level_torchvision(features, rois, (7, 7), strides, 0, True),
+                            args.device, args.repeats)
     print(f"htc_fast {htc_fast.__version__} on {args.device}: multi-level RoIAlign, {args.rois} RoIs, "
           f"P2-P5 256 ch, 7x7")
     print(f"  torchvision per-level loop   {t_ref * 1e3:8.2f} ms")

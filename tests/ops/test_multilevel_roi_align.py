@@ -1,44 +1,23 @@
 """Multi-level (FPN) RoIAlign against a per-level loop over torchvision, mmdetection-style.
 
-The oracle maps RoIs to levels with its own copy of mmdetection's formula (``mmdet_levels``), then
-runs torchvision's C++ ``roi_align`` once per level, as mmdetection's SingleRoIExtractor does.
+The oracle (``htc_fast.diagnostics.baselines``, also the demo's and the benchmarks' baseline) maps
+RoIs to levels with its own copy of mmdetection's formula (``mmdet_levels``), then runs
+torchvision's C++ ``roi_align`` once per level, as mmdetection's SingleRoIExtractor does.
 """
 import math
 import random
 
 import pytest
 import torch
-import torchvision
 
 from htc_fast import ops
+from htc_fast.diagnostics.baselines import mmdet_levels, per_level_torchvision
 from tests.ops.test_roi_align import with_layout
 from tests.support import TOL, require_backend
 
 STRIDES = (4, 8, 16, 32)
 # sqrt(area) / finest_scale on and just below the level edges 2, 4, 8: levels 0, 1, 2, 2, 3.
 BOUNDARY_SCALES = (1.998, 2.0, 4.0, 7.99, 8.0)
-
-
-def mmdet_levels(rois, num_levels, finest_scale=56.0):
-    """mmdetection's map_roi_levels, kept as a float tensor so that NaN stays visible."""
-    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(min=0, max=num_levels - 1)
-
-
-def per_level_torchvision(features, rois, output_size, strides, sampling_ratio, aligned, finest_scale=56.0):
-    """(K, C, PH, PW): mmdetection's loop over levels with boolean masks. RoIs with a non-finite
-    coordinate are left at zero (the spec): torchvision's kernel crashes on them. Levels come
-    from `rois` as given; each call gets them in the features' dtype, as torchvision requires
-    (benchmarks/bench_roi_align.py times this loop as the baseline in fp16 too)."""
-    levels = mmdet_levels(rois, len(features), finest_scale)
-    levels[~torch.isfinite(rois).all(1)] = -1
-    out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *output_size))
-    for lvl, (feat, stride) in enumerate(zip(features, strides)):
-        mask = levels == lvl
-        if mask.any():
-            out[mask] = torchvision.ops.roi_align(feat, rois[mask].to(feat.dtype), output_size,
-                                                  1.0 / stride, sampling_ratio, aligned)
-    return out
 
 
 def pyramid(n, c, image_hw, strides, dtype=torch.float32, device="cpu", layouts=("contiguous",)):
