@@ -1,5 +1,6 @@
-"""Helpers of scripts/compare_oracle.py: the check table, error measures, proposal-set matching,
-mmdetection's mask pasting and COCO RLE decoding (none of this is htc_fast code under test)."""
+"""Helpers of scripts/compare_oracle.py: the check table and tolerances, error measures,
+proposal-set matching, mmdetection's mask pasting and COCO RLE decoding (none of this is
+htc_fast code under test)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,10 @@ import torch
 import torch.nn.functional as F
 
 STAT_KEYS = ("sum", "abs_sum", "sq_sum", "mean", "std", "min", "max")
+# Tolerances of the checks (see scripts/compare_oracle.py's docstring): head outputs (relative),
+# boxes (px), scores (absolute), pasted mask pixels (fraction differing), losses and gradient
+# norms (relative).
+HEAD_TOL, BOX_TOL, SCORE_TOL, MASK_PIX_TOL, LOSS_TOL = 1e-3, 0.01, 1e-4, 1e-3, 1e-3
 
 
 class Report:
