@@ -30,7 +30,7 @@ def load_image(path: Union[str, Path]) -> Tensor:
     image file (`htc_fast.data.image_decode`: plain JPEGs through torchvision's libjpeg-turbo,
     everything else through Pillow; every mode to RGB, EXIF orientation applied as mmcv does);
     FileNotFoundError when missing, ValueError naming the file when unreadable."""
-    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1)  # the decoded array may be read-only
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1)  # read_rgb gives a writable array of its own
 
 
 def as_image_tensor(image: ImageLike) -> Tensor:
