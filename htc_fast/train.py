@@ -152,8 +152,9 @@ def main(argv=None):
                 model.train()
     if progress.step and loop.checkpointed_at != progress.iteration:  # stopped inside an epoch: save where
         loop.checkpoint()
+    skipped_summary = skipped.summary(d)  # a collective: on every rank, not only where it is printed
     say(d, f"trained {progress.iteration} iterations in {time.time() - start:.0f} s; checkpoint "
-           f"{checkpoints.last}; {skipped.summary()}")
+           f"{checkpoints.last}; {skipped_summary}")
 
     if builtin and not args.no_eval:
         trained = last_eval if progress.step == 0 and last_eval is not None else \

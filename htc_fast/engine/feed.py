@@ -9,9 +9,10 @@ from collections import deque
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from htc_fast.engine.distributed import cores_per_local_rank
+from htc_fast.engine.distributed import Dist, cores_per_local_rank
 
 # Each worker holds a copy of the dataset's annotation records (copy-on-write pages get copied as
 # Python touches reference counts): hundreds of MB for COCO train, so more workers per rank than
@@ -59,12 +60,13 @@ class EpochBatchSampler(Sampler[list]):
 class SkippedImages:
     """Images that failed to load during the run, counted for the run's summary. The dataset
     (`skip_bad=True`) already warned naming the file, in whichever process decoded it, and
-    delivered another image instead; only the main process sees every batch, so it counts here."""
+    delivered another image instead; each rank's main process sees every batch of its rank, so it
+    counts there, and `summary` adds the ranks' counts up (one collective, at the end of the run)."""
 
     def __init__(self, dataset, sampler: EpochBatchSampler):
         self.dataset, self.sampler = dataset, sampler
         self.ids = dataset.image_ids
-        self.files: dict = {}  # file name -> times skipped
+        self.files: dict = {}  # file name -> times skipped (this rank)
 
     def check(self, image_ids: list[int]) -> None:
         """Compares the batch the loader delivered with the one the sampler asked for."""
@@ -78,15 +80,31 @@ class SkippedImages:
 
     @property
     def count(self) -> int:
+        """Image loads skipped by this rank."""
         return sum(self.files.values())
 
-    def summary(self, max_names: int = 5) -> str:
-        """For the run's last line (this process's batches)."""
-        if not self.files:
+    def over_ranks(self, d: Dist) -> dict:
+        """File name -> times skipped, summed over the ranks. A collective (one all_gather of the
+        small name -> count dicts): every rank must call it, at the same point of the run."""
+        if d.world_size == 1:
+            return dict(self.files)
+        parts: list = [None] * d.world_size
+        dist.all_gather_object(parts, self.files)
+        total: dict = {}
+        for part in parts:
+            for name, times in part.items():
+                total[name] = total.get(name, 0) + times
+        return total
+
+    def summary(self, d: Dist, max_names: int = 5) -> str:
+        """For the run's last line: the loads skipped on all ranks and the files (`over_ranks`:
+        a collective, every rank calls it; the main process prints the line)."""
+        files = self.over_ranks(d)
+        if not files:
             return "no unreadable images"
-        names = sorted(self.files)
+        names = sorted(files)
         shown = ", ".join(names[:max_names]) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
-        return f"{self.count} unreadable image load(s) skipped ({len(names)} file(s): {shown})"
+        return f"{sum(files.values())} unreadable image load(s) skipped ({len(names)} file(s): {shown})"
 
 
 def build_run_loader(dataset, loader: DataLoader, workers: int, device: torch.device, seed: int,
