@@ -33,7 +33,7 @@ from htc_fast.inference import (
     prepare_image,
     prepare_model,
 )
-from htc_fast.inference.visualize import draw, to_json
+from htc_fast.inference.visualize import draw, save_png, to_json
 from htc_fast.model.checkpoint import load_checkpoint
 from htc_fast.model.htc import build_htc
 from htc_fast.model.inputs import Detections
@@ -120,8 +120,6 @@ def main(argv=None):
                                     size_divisor=data.pad_size_divisor)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from torchvision.io import write_png
-
     start, done, failed, used = time.time(), 0, 0, set()
     for batch, dets in predict_batches(predictor.model, loader, predictor.device, amp=predictor.amp,
                                        masks="bitmap"):
@@ -130,7 +128,7 @@ def main(argv=None):
             print(f"\nskipped {bad}", file=sys.stderr)
         for image, det in zip(batch.images, dets):
             stem = _output_stem(out_dir, image.key, used)
-            write_png(draw(image.original, det, args.show_thr), str(stem) + ".png")
+            save_png(draw(image.original, det, args.show_thr), str(stem) + ".png")
             stem.with_suffix(".json").write_text(json.dumps({"image": str(image.key), "detections": to_json(det)}))
         done += len(batch.images) + len(batch.unreadable)
         rate = done / max(time.time() - start, 1e-9)

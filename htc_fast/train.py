@@ -269,10 +269,8 @@ def maybe_evaluate(model, cfg, coco_gt, val_images, d, log, progress, what):
 
 
 def draw_predictions(model, cfg, image_path, out_path, device, names):
-    from torchvision.io import write_png
-
     from htc_fast.data.preprocess import load_image, make_batch
-    from htc_fast.inference.visualize import draw
+    from htc_fast.inference.visualize import draw, save_png
 
     image = load_image(image_path)
     model.eval()
@@ -282,7 +280,7 @@ def draw_predictions(model, cfg, image_path, out_path, device, names):
     keep = det.scores >= max(0.05, tenth_best)
     det = det._replace(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep],
                        masks=det.masks[keep])
-    write_png(draw(image, det, 0.0, names), str(out_path))
+    save_png(draw(image, det, 0.0, names), out_path)
     print(f"predictions on {image_path} drawn to {out_path}")
 
 

@@ -1,7 +1,13 @@
 """What ``python -m htc_fast.predict`` writes per image, and the training run's picture: detections
-drawn on the image (masks, boxes, class names) and as JSON (boxes, scores, labels, COCO RLE masks).
+drawn on the image (masks, boxes, class names), written as PNG, and as JSON (boxes, scores,
+labels, COCO RLE masks).
 """
+from pathlib import Path
+from typing import Union
+
+import numpy as np
 import torch
+from PIL import Image
 
 from htc_fast.coco_classes import COCO_CLASSES
 from htc_fast.evaluation.coco_format import encode_masks
@@ -26,6 +32,15 @@ def draw(image: torch.Tensor, det: Detections, score_thr: float, names=COCO_CLAS
         out = draw_segmentation_masks(out, det.masks[keep].cpu(), alpha=0.45, colors=colors)
     text = [f"{class_name(label, names)} {s:.2f}" for label, s in zip(labels, det.scores[keep].tolist())]
     return draw_bounding_boxes(out, det.boxes[keep].cpu(), labels=text, colors=colors, width=2)
+
+
+def save_png(image: torch.Tensor, path: Union[str, Path]) -> None:
+    """Writes a (3, H, W) uint8 RGB image (any device) to `path` as an 8-bit RGB PNG, pixels as
+    they are. Pillow, not torchvision's `write_png`, which prints a deprecation warning in
+    torchvision 0.29."""
+    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"save_png: image must be (3, H, W) uint8, got {tuple(image.shape)} {image.dtype}")
+    Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()), "RGB").save(path, format="PNG")
 
 
 def to_json(det: Detections) -> list:
