@@ -226,6 +226,15 @@ def _decode_with_pillow(data: Union[bytes, bytearray], try_torchvision: bool) ->
     return array
 
 
+def _reason(exc: BaseException) -> str:
+    """The decoder's error for a message. Pillow's "cannot identify image file" names the
+    in-memory stream, whose address changes per call: said without it, so that the message is the
+    same each time (Python's warning filter then shows the dataset's skip warning once per file)."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "UnidentifiedImageError: not an image format Pillow reads"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def decode_rgb(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>") -> np.ndarray:
     """(H, W, 3) uint8 RGB, C-contiguous, writable (the caller's), upright, from the bytes of an
     image file (a bytearray, as `read_file` gives, is decoded without a copy; bytes are copied
@@ -239,7 +248,7 @@ def decode_rgb(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>"
         if array is None:  # not plain, or refused by decode_jpeg (then Pillow raises naming the file)
             array = _decode_with_pillow(data, try_torchvision=not plain)
     except _DECODE_ERRORS as exc:
-        raise ValueError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"cannot decode image {name}: {_reason(exc)}") from exc
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:  # a mode Pillow converted oddly
         raise ValueError(f"cannot decode image {name}: got an array {array.shape} {array.dtype}")
     # Pillow's arrays wrap read-only bytes: copy those (the less common path) so that every caller
@@ -279,4 +288,4 @@ def read_label_map(path: Union[str, Path]) -> np.ndarray:
                 raise ValueError(f"must be a single-channel 8-bit PNG, got Pillow mode {image.mode!r}")
             return np.asarray(image)
     except _DECODE_ERRORS as exc:
-        raise ValueError(f"cannot decode label map {path}: {exc}") from exc
+        raise ValueError(f"cannot decode label map {path}: {_reason(exc)}") from exc

@@ -89,6 +89,12 @@ def test_corrupt_files_in_process(tmp_path):
         read_rgb(tmp_path / "missing.jpg")
     with pytest.raises(ValueError, match="bad CRC"):
         decode_rgb(_bad_crc_png(), "x.png")
+    messages = set()
+    for _ in range(3):  # the same message each time (no stream address): a warning filter shows it once
+        with pytest.raises(ValueError, match="text.jpg: UnidentifiedImageError: not an image format") as info:
+            read_rgb(tmp_path / "text.jpg")
+        messages.add(str(info.value))
+    assert len(messages) == 1
 
 
 def test_real_coco_jpegs_decode_as_torchvision_does():
