@@ -228,8 +228,8 @@ def _decode_with_pillow(data: Union[bytes, bytearray], try_torchvision: bool) ->
 
 def _reason(exc: BaseException) -> str:
     """The decoder's error for a message. Pillow's "cannot identify image file" names the
-    in-memory stream, whose address changes per call: said without it, so that the message is the
-    same each time (Python's warning filter then shows the dataset's skip warning once per file)."""
+    in-memory stream, whose address changes per call: said without it, so that a file's message
+    is the same on every load (a caller can tell repeats apart from new failures)."""
     if isinstance(exc, Image.UnidentifiedImageError):
         return "UnidentifiedImageError: not an image format Pillow reads"
     return f"{type(exc).__name__}: {exc}"
