@@ -16,7 +16,7 @@ from htc_fast.config import RoIConfig, SemanticConfig, TestConfig
 from htc_fast.model.box_coder import decode_boxes, encode_boxes
 from htc_fast.model.box_head import BoxHead, box_head_loss
 from htc_fast.model.mask_head import MaskHead, mask_head_loss
-from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler, SamplingResult
+from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler, SamplingResult, pad_ground_truth
 from htc_fast.model.roi_features import RoIFeatureExtractor
 from htc_fast.model.semantic_head import SemanticHead
 from htc_fast.ops import htc_mask_probs, multiclass_nms, roi_align
@@ -49,28 +49,51 @@ class CascadeDetections(NamedTuple):
     mask_probs: Optional[Tensor]
 
 
-_LAYOUTS = collections.OrderedDict()
+_CONSTANTS = collections.OrderedDict()
+
+
+def _host_constant(key, build) -> tuple[Tensor, ...]:
+    """Tensors that depend only on host values (shapes, counts), built once per key (a small LRU)
+    so that a step dispatches no ops and copies nothing to the device for them."""
+    key = (*key, torch.is_inference_mode_enabled())
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = build()
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.popitem(last=False)
+    _CONSTANTS.move_to_end(key)
+    return _CONSTANTS[key]
 
 
 def _row_layout(image_shapes, counts, device) -> tuple[Tensor, Tensor]:
     """(R, 2) [h, w] of each row's image and (R, 1) float32 its image index (the rois' first
-    column), for R = sum(counts) rows of the images in order. Depends only on host values: built
-    once per layout (a small LRU), so a step dispatches no ops for it."""
-    key = (tuple((float(h), float(w)) for h, w in image_shapes), tuple(counts), str(device),
-           torch.is_inference_mode_enabled())
-    if key not in _LAYOUTS:
+    column), for R = sum(counts) rows of the images in order."""
+    shapes = tuple((float(h), float(w)) for h, w in image_shapes)
+
+    def build():
         image_of = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
-        _LAYOUTS[key] = (torch.tensor(key[0]).reshape(-1, 2)[image_of].to(device),
-                         image_of[:, None].float().to(device))
-        if len(_LAYOUTS) > 64:
-            _LAYOUTS.popitem(last=False)
-    _LAYOUTS.move_to_end(key)
-    return _LAYOUTS[key]
+        return (torch.tensor(shapes).reshape(-1, 2)[image_of].to(device), image_of[:, None].float().to(device))
+
+    return _host_constant(("rows", shapes, tuple(counts), str(device)), build)
 
 
-def _row_bounds(samples, image_shapes, device) -> Tensor:
-    """(R, 2) [h, w] of each slot's image, for decoding all images' slots in one pass."""
-    return _row_layout(image_shapes, [len(s.inds) for s in samples], device)[0]
+def _batch_rois(boxes: Tensor, image_shapes) -> Tensor:
+    """(B, K, 4) boxes of B images -> (B * K, 5) rois [batch_index, x1, y1, x2, y2]."""
+    index_column = _row_layout(image_shapes, [boxes.shape[1]] * boxes.shape[0], boxes.device)[1]
+    return torch.cat([index_column.to(boxes.dtype), boxes.reshape(-1, 4)], dim=1)
+
+
+def _stack_proposals(proposals: Sequence[Tensor], valid: Optional[Sequence[Tensor]]):
+    """Per-image (K_i, 4) proposals -> (B, K, 4) detached boxes and (B, K) bool validity (None:
+    all real), K = max K_i; shorter lists are padded with invalid zero boxes."""
+    counts = [len(p) for p in proposals]
+    boxes = [p.detach() for p in proposals]
+    if len(set(counts)) == 1:
+        return torch.stack(boxes), None if valid is None else torch.stack(list(valid))
+    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
+    real = torch.arange(max(counts), device=padded.device) < torch.tensor(counts, device=padded.device)[:, None]
+    if valid is not None:
+        real = real & torch.nn.utils.rnn.pad_sequence(list(valid), batch_first=True)
+    return padded, real
 
 
 def rois_from(boxes: Sequence[Tensor]) -> Tensor:
@@ -130,13 +153,14 @@ class HTCRoIHead(nn.Module):
             if semantic_labels is not None:
                 semantic_loss = self.semantic_head.loss(logits, semantic_labels)
         pick = self._sampler(sampler)
-        boxes = [p.detach() for p in proposals]
-        valid = list(proposal_valid) if proposal_valid is not None else [None] * len(boxes)
+        # Every image at once: proposals and ground truth padded to the batch's largest count.
+        boxes, valid = _stack_proposals(proposals, proposal_valid)
+        gt = pad_ground_truth(gt_boxes, gt_labels, dtype=boxes.dtype, device=boxes.device)
         stages = []
         for i, stage in enumerate(self.roi.stages):
             # Box branch on RoIs sampled from this stage's input boxes.
-            samples = self._sample(i, pick, boxes, valid, gt_boxes, gt_labels, generator)
-            rois = rois_from([s.boxes for s in samples])
+            samples = self._sample(i, pick, boxes, valid, gt, generator)
+            rois = _batch_rois(samples.boxes, image_shapes)
             out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
             labels, weights, targets = self._box_targets(i, samples)
             box_loss = box_head_loss(out, labels, targets, weights=weights, smooth_l1_beta=self.roi.smooth_l1_beta,
@@ -144,11 +168,10 @@ class HTCRoIHead(nn.Module):
             # Refine: the stage's regression moves its sampled RoIs (ground truth dropped); they
             # are the next stage's input and, interleaved, what the mask branch samples from now.
             with torch.no_grad():
-                bounds = _row_bounds(samples, image_shapes, rois.device)
-                boxes, valid = self._refine(i, samples, rois, out.deltas, bounds)
+                boxes, valid = self._refine(i, samples, rois, out.deltas, image_shapes)
             if self.roi.interleaved:
-                samples = self._sample(i, pick, boxes, valid, gt_boxes, gt_labels, generator)
-            mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks, pick.max_pos)
+                samples = self._sample(i, pick, boxes, valid, gt, generator)
+            mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks, pick.max_pos, image_shapes)
             w = stage.loss_weight
             stages.append(StageLoss(w * box_loss.cls, w * box_loss.box, w * mask_loss, box_loss.accuracy))
         return CascadeLoss(tuple(stages), semantic_loss)
@@ -159,53 +182,53 @@ class HTCRoIHead(nn.Module):
             raise ValueError(f"sampler must be 'random' or 'first-k', got {name!r}")
         return cls(self.roi.sampler_num, self.roi.sampler_pos_fraction, -1, self.roi.add_gt_as_proposals)
 
-    def _sample(self, stage, sampler, boxes, valid, gt_boxes, gt_labels, generator) -> list[SamplingResult]:
-        out = []
-        for b, v, g, lab in zip(boxes, valid, gt_boxes, gt_labels):
-            assigned = self.assigners[stage].assign(b, g, lab, valid=v)
-            out.append(sampler.sample(assigned, b, g, lab, generator=generator))
-        return out
+    def _sample(self, stage, sampler, boxes, valid, gt, generator) -> SamplingResult:
+        """Assign and sample (B, K, 4) boxes of all images in one pass; gt from pad_ground_truth."""
+        gt_boxes, gt_labels, gt_valid = gt
+        assigned = self.assigners[stage].assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid)
+        return sampler.sample(assigned, boxes, gt_boxes, gt_labels, generator=generator, gt_valid=gt_valid)
 
-    def _box_targets(self, stage, samples: Sequence[SamplingResult]):
-        """All images' slots in one pass: (R,) labels (background for negatives and unused
-        slots), (R,) float weights (1 on sampled slots) and (R, 4) encoded targets."""
+    def _box_targets(self, stage, samples: SamplingResult):
+        """All images' slots, flattened: (R,) labels (background for negatives and unused slots),
+        (R,) float weights (1 on sampled slots) and (R, 4) encoded targets."""
         st = self.roi.stages[stage]
-        is_pos = torch.cat([s.is_pos for s in samples])
-        valid = torch.cat([s.valid for s in samples])
-        labels = torch.cat([s.labels for s in samples]).masked_fill(~is_pos, self.num_classes)
-        boxes = torch.cat([s.boxes for s in samples])
+        is_pos = samples.is_pos.reshape(-1)
+        labels = samples.labels.reshape(-1).masked_fill(~is_pos, self.num_classes)
+        boxes = samples.boxes.reshape(-1, 4)
         # Slots that are not positive encode against themselves (finite zeros; weight 0 anyway).
-        gt = torch.where(is_pos[:, None], torch.cat([s.gt_boxes for s in samples]), boxes)
-        return labels, valid.to(boxes.dtype), encode_boxes(boxes, gt, st.target_means, st.target_stds)
+        gt = torch.where(is_pos[:, None], samples.gt_boxes.reshape(-1, 4), boxes)
+        weights = samples.valid.reshape(-1).to(boxes.dtype)
+        return labels, weights, encode_boxes(boxes, gt, st.target_means, st.target_stds)
 
-    def _refine(self, stage, samples, rois, deltas, bounds) -> tuple[list[Tensor], list[Tensor]]:
+    def _refine(self, stage, samples, rois, deltas, image_shapes) -> tuple[Tensor, Tensor]:
         """Decode every slot in one pass; per image, the non-ground-truth sampled slots first
-        (in slot order, as mmdet's list without the ground truth) and the rest marked invalid."""
+        (in slot order, as mmdet's list without the ground truth) and the rest marked invalid.
+        Returns (B, S, 4) boxes and (B, S) bool validity."""
         st = self.roi.stages[stage]
+        batch, slots = samples.inds.shape
+        bounds = _row_layout(image_shapes, [slots] * batch, rois.device)[0]
         decoded = decode_boxes(rois[:, 1:], deltas.detach(), st.target_means, st.target_stds, max_shape=bounds)
-        boxes, valid = [], []
-        for s, d in zip(samples, decoded.split([len(s.inds) for s in samples])):
-            keep = s.valid & ~s.is_gt
-            order = (~keep).to(torch.uint8).argsort(stable=True)  # a stable compaction, no sync
-            boxes.append(d[order])
-            valid.append(keep[order])
-        return boxes, valid
+        keep = samples.valid & ~samples.is_gt
+        order = (~keep).to(torch.uint8).argsort(dim=-1, stable=True)  # a stable compaction, no sync
+        boxes = decoded.view(batch, slots, 4).gather(1, order[..., None].expand(batch, slots, 4))
+        return boxes, keep.gather(1, order)
 
-    def _mask_loss(self, stage, feats, semantic_feat, samples, gt_masks, capacity) -> Tensor:
+    def _mask_loss(self, stage, feats, semantic_feat, samples, gt_masks, capacity, image_shapes) -> Tensor:
         """The mask loss on each image's first ``capacity`` slots, where the sampled positives are.
 
         With ``static_shapes`` off (the default on CPU, where reading a count costs no waiting)
-        each image's P positives are read and only they run through the mask head, as mmdet does:
-        a fixed capacity would cost max_pos / P times the mask head's compute."""
+        the largest number of positives of an image is read and only that many slots run
+        through the mask head: a fixed capacity would cost max_pos / P times the mask head's
+        compute."""
         static = self.static_shapes if self.static_shapes is not None else feats[0].device.type != "cpu"
         if not static:
-            capacity = max(int(s.num_pos) for s in samples)
-        boxes = [s.boxes[:capacity] for s in samples]
-        x = self.extract(feats, semantic_feat, rois_from(boxes), self.roi.mask_roi_size)
+            capacity = int(samples.num_pos.max())
+        boxes = samples.boxes[:, :capacity]
+        x = self.extract(feats, semantic_feat, _batch_rois(boxes, image_shapes), self.roi.mask_roi_size)
         logits = self.mask_head[stage].logits(self._trunk(stage, x))
-        targets = self._mask_targets(boxes, [s.gt_inds[:capacity] for s in samples], gt_masks)
-        labels = torch.cat([s.labels[:capacity] for s in samples]).clamp(min=0)
-        weights = torch.cat([s.is_pos[:capacity] for s in samples])
+        targets = self._mask_targets(boxes, samples.gt_inds[:, :capacity], gt_masks)
+        labels = samples.labels[:, :capacity].reshape(-1).clamp(min=0)
+        weights = samples.is_pos[:, :capacity].reshape(-1)
         return mask_head_loss(logits, labels, targets, weight=self.roi.loss_mask_weight, roi_weights=weights)
 
     def _trunk(self, stage, x):
@@ -217,30 +240,29 @@ class HTCRoIHead(nn.Module):
                 prev = self.mask_head[j].trunk(x, prev)
         return self.mask_head[stage].trunk(x, prev)
 
-    def _mask_targets(self, boxes: Sequence[Tensor], gt_inds: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
-        """(R, M, M) binary targets for the slots' boxes: each slot's ground-truth mask RoI-aligned
-        to its box (aligned, sampling_ratio 0) and thresholded at 0.5, as mmdetection's BitmapMasks
-        do. Slots of images without ground truth (and non-positive slots, whose loss weight is 0)
-        get whatever their index points at; all images' masks go through one RoIAlign call."""
+    def _mask_targets(self, boxes: Tensor, gt_inds: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """(B * C, M, M) binary targets for the slots' (B, C, 4) boxes, ``gt_inds`` (B, C) their
+        0-based ground truth: each slot's ground-truth mask RoI-aligned to its box (aligned,
+        sampling_ratio 0) and thresholded at 0.5, as mmdetection's BitmapMasks do. Slots of
+        images without ground truth (and non-positive slots, whose loss weight is 0) get whatever
+        their index points at; all images' masks go through one RoIAlign call."""
         size = self.roi.mask_size
-        total = sum(len(b) for b in boxes)
-        ref = boxes[0] if boxes else torch.zeros(0, 4)
-        if total == 0 or sum(len(m) for m in masks) == 0:
-            return ref.new_zeros((total, size, size), dtype=torch.float32)
+        batch, capacity = gt_inds.shape
+        counts = [len(m) for m in masks]
+        if batch * capacity == 0 or sum(counts) == 0:
+            return boxes.new_zeros((batch * capacity, size, size), dtype=torch.float32)
         shapes = {tuple(m.shape[-2:]) for m in masks if len(m)}
         if len(shapes) > 1:
             # Masks at each image's own size: one RoIAlign per image (padding them to a common
             # size would change the border samples).
-            crops = torch.cat([self._mask_targets([b], [g], [m]) if len(m) else
-                               b.new_zeros((len(b), size, size), dtype=torch.float32)
-                               for b, g, m in zip(boxes, gt_inds, masks)])
-            return crops
-        offsets, start = [], 0
-        for m in masks:
-            offsets.append(start)
-            start += len(m)
-        index = torch.cat([(g + o).clamp(max=start - 1) for g, o in zip(gt_inds, offsets)])
-        rois = torch.cat([index[:, None].to(torch.float32), torch.cat(list(boxes)).float()], dim=1)
+            return torch.cat([self._mask_targets(b[None], g[None], [m]) if len(m) else
+                              b.new_zeros((capacity, size, size), dtype=torch.float32)
+                              for b, g, m in zip(boxes, gt_inds, masks)])
+        # Row r of image i takes mask offsets[i] + gt_inds[r] of the concatenated masks.
+        offsets = _host_constant(("mask offsets", tuple(counts), capacity, str(boxes.device)), lambda: (
+            torch.tensor([sum(counts[:i]) for i in range(batch)]).repeat_interleave(capacity).to(boxes.device),))[0]
+        index = (gt_inds.reshape(-1) + offsets).clamp(max=sum(counts) - 1)
+        rois = torch.cat([index[:, None].to(torch.float32), boxes.reshape(-1, 4).float()], dim=1)
         stacked = torch.cat([m for m in masks if len(m)])[:, None].float()
         crops = roi_align(stacked, rois, size, 1.0, 0, True)
         return (crops[:, 0] >= 0.5).float()

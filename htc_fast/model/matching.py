@@ -9,6 +9,7 @@ Convention of ``AssignResult.gt_inds`` (mmdet's, kept so recorded assignments co
 ``-1`` ignored (neither positive nor negative), ``0`` negative, ``k + 1`` positive matched to
 ground truth ``k``. ``SamplingResult.pos_assigned_gt_inds`` is 0-based.
 """
+from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 # The samplers live in sampling.py; re-exported here, where callers have always found them.
 from htc_fast.model.sampling import FirstKSampler, RandomSampler, SamplingResult
 
-__all__ = ["bbox_overlaps", "AssignResult", "MaxIoUAssigner", "SamplingResult", "RandomSampler",
+__all__ = ["bbox_overlaps", "pad_ground_truth", "AssignResult", "MaxIoUAssigner", "SamplingResult", "RandomSampler",
            "FirstKSampler"]
 
 
@@ -29,41 +30,69 @@ def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", eps: float 
     instead of NaN (torchvision's ``box_iou`` gives NaN there).
 
     Args:
-        boxes1: (M, 4), boxes2: (N, 4) float.
+        boxes1: (..., M, 4), boxes2: (..., N, 4) float; the leading (batch) dims broadcast, so a
+            batch of images' boxes pairs with one shared set (e.g. anchors) in one call.
         mode: "iou" or "iof".
 
     Returns:
-        (M, N) in the boxes' dtype.
+        (..., M, N) in the boxes' dtype.
     """
     if mode not in ("iou", "iof"):
         raise ValueError(f"bbox_overlaps: mode must be 'iou' or 'iof', got {mode!r}")
     for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
-        if b.dim() != 2 or b.shape[-1] != 4:
-            raise ValueError(f"bbox_overlaps: {name} must be (N, 4), got {tuple(b.shape)}")
-    if boxes1.shape[0] == 0 or boxes2.shape[0] == 0:
-        return boxes1.new_zeros((boxes1.shape[0], boxes2.shape[0]))
+        if b.dim() < 2 or b.shape[-1] != 4:
+            raise ValueError(f"bbox_overlaps: {name} must be (..., N, 4), got {tuple(b.shape)}")
+    if boxes1.shape[-2] == 0 or boxes2.shape[-2] == 0:
+        batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+        return boxes1.new_zeros((*batch, boxes1.shape[-2], boxes2.shape[-2]))
     # w * h as a product over the last dim: the same single rounding, in fewer ops.
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(dim=-1)
-    b1 = boxes1[:, None]
-    lt = torch.max(b1[..., :2], boxes2[:, :2])
-    rb = torch.min(b1[..., 2:], boxes2[:, 2:])
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(dim=-1)
+    b1, b2 = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    lt = torch.max(b1[..., :2], b2[..., :2])
+    rb = torch.min(b1[..., 2:], b2[..., 2:])
     overlap = (rb - lt).clamp(min=0).prod(dim=-1)
     if mode == "iou":
-        area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(dim=-1)
-        union = area1[:, None] + area2 - overlap
+        area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(dim=-1)
+        union = area1[..., :, None] + area2[..., None, :] - overlap
     else:
-        union = area1[:, None].expand_as(overlap)
+        union = area1[..., :, None].expand_as(overlap)
     return overlap / union.clamp(min=eps)
 
 
-class AssignResult(NamedTuple):
-    """Assignment of N boxes to G ground-truth boxes.
+def pad_ground_truth(gt_boxes: Sequence[Tensor], gt_labels: Optional[Sequence[Tensor]] = None,
+                     dtype: Optional[torch.dtype] = None,
+                     device=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Per-image ground truth as one padded batch, for assigning and sampling every image at once.
 
-    num_gts: G.
-    gt_inds: (N,) int64: -1 ignored, 0 negative, k + 1 positive for ground truth k.
-    max_overlaps: (N,) float: each box's largest IoU with any ground truth (0 when G = 0;
-        -1 for boxes ignored through ``gt_boxes_ignore``).
-    labels: (N,) int64: the matched ground truth's label for positives, -1 otherwise.
+    gt_boxes: B tensors (G_i, 4); gt_labels: B tensors (G_i,) int64 or None (as for the RPN).
+    Returns (B, G, 4) boxes (padding rows are zero boxes, which overlap nothing), (B, G) int64
+    labels (0 on padding; None without gt_labels) and (B, G) bool ``valid``, G = max G_i; valid is
+    None when every image has G boxes (no padding: the assigner and sampler then skip the mask).
+    Shapes come from the host: no sync. ``dtype`` / ``device``: of the boxes (default: the first
+    image's)."""
+    if not gt_boxes:
+        raise ValueError("pad_ground_truth: gt_boxes is empty (no images)")
+    dtype = dtype or gt_boxes[0].dtype
+    device = device if device is not None else gt_boxes[0].device
+    counts = [len(g) for g in gt_boxes]
+    boxes = [g.to(device=device, dtype=dtype).reshape(-1, 4) for g in gt_boxes]
+    labels = None if gt_labels is None else [lab.to(device=device, dtype=torch.long) for lab in gt_labels]
+    if len(set(counts)) == 1:  # equal counts: stacks, no padding, no mask
+        return torch.stack(boxes), None if labels is None else torch.stack(labels), None
+    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
+    padded_labels = None if labels is None else torch.nn.utils.rnn.pad_sequence(labels, batch_first=True)
+    valid = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
+    return padded, padded_labels, valid
+
+
+class AssignResult(NamedTuple):
+    """Assignment of N boxes to G ground-truth boxes, for one image or a batch (leading dims ...).
+
+    num_gts: G (for a batch: the padded G).
+    gt_inds: (..., N) int64: -1 ignored, 0 negative, k + 1 positive for ground truth k.
+    max_overlaps: (..., N) float: each box's largest IoU with any ground truth (0 when the image
+        has none; -1 for boxes ignored through ``gt_boxes_ignore`` or ``valid``).
+    labels: (..., N) int64: the matched ground truth's label for positives, -1 otherwise.
     """
 
     num_gts: int
@@ -71,14 +100,17 @@ class AssignResult(NamedTuple):
     max_overlaps: Tensor
     labels: Tensor
 
-    def with_gts_prepended(self, gt_labels: Tensor) -> "AssignResult":
-        """The assignment of ``cat([gt_boxes, boxes])``: ground truth k is positive for itself
-        with overlap 1 (mmdet's ``AssignResult.add_gt_``, as a new value)."""
-        n = len(gt_labels)
-        own = torch.arange(1, n + 1, dtype=torch.long, device=self.gt_inds.device)
-        return AssignResult(self.num_gts, torch.cat([own, self.gt_inds]),
-                            torch.cat([self.max_overlaps.new_ones(n), self.max_overlaps]),
-                            torch.cat([gt_labels.to(self.labels), self.labels]))
+    def with_gts_prepended(self, gt_labels: Tensor, gt_valid: Optional[Tensor] = None) -> "AssignResult":
+        """The assignment of ``cat([gt_boxes, boxes])`` along the box dim: ground truth k is
+        positive for itself with overlap 1 (mmdet's ``AssignResult.add_gt_``, as a new value).
+        gt_labels: (..., G); gt_valid: (..., G) bool, padding rows (False) are ignored (-1)."""
+        n = gt_labels.shape[-1]
+        own = torch.arange(1, n + 1, dtype=torch.long, device=self.gt_inds.device).expand(gt_labels.shape)
+        if gt_valid is not None:
+            own = own.masked_fill(~gt_valid, -1)
+        return AssignResult(self.num_gts, torch.cat([own, self.gt_inds], dim=-1),
+                            torch.cat([self.max_overlaps.new_ones(gt_labels.shape), self.max_overlaps], dim=-1),
+                            torch.cat([gt_labels.to(self.labels), self.labels], dim=-1))
 
 
 class MaxIoUAssigner:
@@ -96,6 +128,10 @@ class MaxIoUAssigner:
     than that IoF (of the box) get overlap -1 with every ground truth, so they stay ignored
     unless step 4 picks them. No ground truth: every box is negative. HTC: RPN (0.7, 0.3, 0.3),
     cascade stages (0.5, 0.5, 0.5), (0.6, ...), (0.7, ...) with ``match_low_quality=False``.
+
+    One image or a batch: every argument may carry the same leading batch dims (ground truth
+    padded by ``pad_ground_truth``, its ``gt_valid`` marking the real rows), and each image is
+    assigned as if alone, in one pass over the batch.
     """
 
     def __init__(self, pos_iou_thr: float, neg_iou_thr: Union[float, tuple[float, float]],
@@ -116,58 +152,82 @@ class MaxIoUAssigner:
         self.match_low_quality = bool(match_low_quality)
 
     def assign(self, boxes: Tensor, gt_boxes: Tensor, gt_labels: Optional[Tensor] = None,
-               gt_boxes_ignore: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> AssignResult:
-        """Assign (N, 4) xyxy ``boxes`` to (G, 4) ``gt_boxes`` with (G,) int64 ``gt_labels``
-        (None: all 0, as for the RPN); optional (I, 4) ``gt_boxes_ignore``; optional (N,) bool
-        ``valid``: boxes that are not candidates (padding, anchors outside the image) are
-        ignored (-1) and take no part in the low-quality matching."""
+               gt_boxes_ignore: Optional[Tensor] = None, valid: Optional[Tensor] = None,
+               gt_valid: Optional[Tensor] = None) -> AssignResult:
+        """Assign (..., N, 4) xyxy ``boxes`` to (..., G, 4) ``gt_boxes`` with (..., G) int64
+        ``gt_labels`` (None: all 0, as for the RPN); optional (..., I, 4) ``gt_boxes_ignore``
+        (zero rows as padding); optional (..., N) bool ``valid``: boxes that are not candidates
+        (padding, anchors outside the image) are ignored (-1) and take no part in the
+        low-quality matching; optional (..., G) bool ``gt_valid``: the real ground-truth rows of a
+        padded batch. ``boxes`` may lack the batch dims (shared anchors)."""
         if gt_labels is None:
-            gt_labels = torch.zeros(len(gt_boxes), dtype=torch.long, device=gt_boxes.device)
-        if gt_labels.shape != gt_boxes.shape[:1]:
-            raise ValueError(f"MaxIoUAssigner.assign: gt_labels must be ({gt_boxes.shape[0]},), got "
+            gt_labels = torch.zeros(gt_boxes.shape[:-1], dtype=torch.long, device=gt_boxes.device)
+        if gt_labels.shape != gt_boxes.shape[:-1]:
+            raise ValueError(f"MaxIoUAssigner.assign: gt_labels must be {tuple(gt_boxes.shape[:-1])}, got "
                              f"{tuple(gt_labels.shape)}")
-        if valid is not None and valid.shape != boxes.shape[:1]:
-            raise ValueError(f"MaxIoUAssigner.assign: valid must be ({boxes.shape[0]},), got {tuple(valid.shape)}")
-        overlaps = bbox_overlaps(gt_boxes, boxes)
+        if gt_valid is not None and gt_valid.shape != gt_boxes.shape[:-1]:
+            raise ValueError(f"MaxIoUAssigner.assign: gt_valid must be {tuple(gt_boxes.shape[:-1])}, got "
+                             f"{tuple(gt_valid.shape)}")
+        num_boxes = boxes.shape[-2]
+        if valid is not None and valid.shape[-1] != num_boxes:
+            raise ValueError(f"MaxIoUAssigner.assign: valid must be (..., {num_boxes}), got {tuple(valid.shape)}")
+        overlaps = bbox_overlaps(gt_boxes, boxes)  # (..., G, N)
         if (self.ignore_iof_thr > 0 and gt_boxes_ignore is not None and gt_boxes_ignore.numel() > 0
                 and boxes.numel() > 0):
-            iof = bbox_overlaps(boxes, gt_boxes_ignore, mode="iof").max(dim=1).values
-            overlaps = overlaps.masked_fill((iof > self.ignore_iof_thr)[None], -1)
-        if valid is not None:
-            overlaps = overlaps.masked_fill(~valid[None], -1)
-        result = self.assign_wrt_overlaps(overlaps, gt_labels)
-        if valid is not None and len(gt_boxes) == 0:
-            result = result._replace(gt_inds=result.gt_inds.masked_fill(~valid, -1))
+            iof = bbox_overlaps(boxes, gt_boxes_ignore, mode="iof").max(dim=-1).values
+            overlaps = overlaps.masked_fill((iof > self.ignore_iof_thr)[..., None, :], -1)
+        invalid = None if valid is None else ~valid
+        if invalid is not None:
+            overlaps = overlaps.masked_fill(invalid[..., None, :], -1)
+        result = self.assign_wrt_overlaps(overlaps, gt_labels, gt_valid)
+        if invalid is not None and (gt_boxes.shape[-2] == 0 or gt_valid is not None):
+            # An image without ground truth makes every box negative; the non-candidates are
+            # ignored all the same (images with ground truth already ignore them).
+            result = result._replace(gt_inds=result.gt_inds.masked_fill(invalid, -1))
         return result
 
-    def assign_wrt_overlaps(self, overlaps: Tensor, gt_labels: Tensor) -> AssignResult:
-        """Assign from a (G, N) overlap matrix (ground truth by box). Columns of -1 are ignored."""
-        num_gts, num_boxes = overlaps.shape
-        gt_inds = torch.full((num_boxes,), -1, dtype=torch.long, device=overlaps.device)
-        labels = torch.full((num_boxes,), -1, dtype=torch.long, device=overlaps.device)
+    def assign_wrt_overlaps(self, overlaps: Tensor, gt_labels: Tensor,
+                            gt_valid: Optional[Tensor] = None) -> AssignResult:
+        """Assign from a (..., G, N) overlap matrix (ground truth by box). Columns of -1 are
+        ignored; (..., G) ``gt_valid`` marks the real rows of padded ground truth (padding rows
+        must hold overlaps <= 0, as zero boxes give)."""
+        num_gts, num_boxes = overlaps.shape[-2:]
+        batch = overlaps.shape[:-2]
+        device = overlaps.device
+        gt_inds = torch.full((*batch, num_boxes), -1, dtype=torch.long, device=device)
+        labels = torch.full((*batch, num_boxes), -1, dtype=torch.long, device=device)
         if num_gts == 0 or num_boxes == 0:
             if num_gts == 0:
                 gt_inds.zero_()
-            return AssignResult(num_gts, gt_inds, overlaps.new_zeros(num_boxes), labels)
+            return AssignResult(num_gts, gt_inds, overlaps.new_zeros((*batch, num_boxes)), labels)
 
-        max_overlaps, argmax = overlaps.max(dim=0)
+        max_overlaps, argmax = overlaps.max(dim=-2)
         lo, hi = self.neg_iou_thr if isinstance(self.neg_iou_thr, tuple) else (0.0, self.neg_iou_thr)
-        gt_inds = gt_inds.masked_fill((max_overlaps >= lo) & (max_overlaps < hi), 0)
+        negative = (max_overlaps >= lo) & (max_overlaps < hi)
+        if gt_valid is not None:
+            # An image whose rows are all padding has no ground truth: every box is negative
+            # (mmdet's rule, whatever the thresholds) with overlap 0.
+            no_gt = ~gt_valid.any(dim=-1)[..., None]
+            negative = negative | no_gt
+            max_overlaps = max_overlaps.masked_fill(no_gt, 0)
+        gt_inds = gt_inds.masked_fill(negative, 0)
         gt_inds = torch.where(max_overlaps >= self.pos_iou_thr, argmax + 1, gt_inds)
 
         if self.match_low_quality:
-            gt_max = overlaps.max(dim=1).values
-            eligible = gt_max >= self.min_pos_iou  # (G,)
+            gt_max = overlaps.max(dim=-1).values  # (..., G)
+            eligible = gt_max >= self.min_pos_iou
+            if gt_valid is not None:
+                eligible = eligible & gt_valid
             if self.gt_max_assign_all:
-                hit = (overlaps == gt_max[:, None]) & eligible[:, None]  # (G, N)
+                hit = (overlaps == gt_max[..., None]) & eligible[..., None]  # (..., G, N)
             else:
-                first = overlaps.argmax(dim=1)
-                hit = (torch.arange(num_boxes, device=overlaps.device)[None] == first[:, None]) & eligible[:, None]
+                first = overlaps.argmax(dim=-1)
+                hit = (torch.arange(num_boxes, device=device) == first[..., None]) & eligible[..., None]
             # mmdet loops k = 0..G-1 and overwrites, so the LAST matching ground truth wins.
-            order = torch.arange(1, num_gts + 1, device=overlaps.device)[:, None]
-            winner = (hit.long() * order).max(dim=0).values  # (N,) 0 = none
+            order = torch.arange(1, num_gts + 1, device=device)[:, None]
+            winner = (hit.long() * order).max(dim=-2).values  # (..., N) 0 = none
             gt_inds = torch.where(winner > 0, winner, gt_inds)
 
-        matched = gt_labels.to(torch.long)[(gt_inds - 1).clamp(min=0)]
+        matched = gt_labels.to(torch.long).gather(-1, (gt_inds - 1).clamp(min=0))
         labels = torch.where(gt_inds > 0, matched, labels)
         return AssignResult(num_gts, gt_inds, max_overlaps, labels)

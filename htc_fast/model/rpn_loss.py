@@ -21,7 +21,7 @@ from torch import Tensor
 from htc_fast.model.anchors import AnchorGenerator
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
 from htc_fast.model.losses import sigmoid_bce_loss, smooth_l1_loss
-from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult
+from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult, pad_ground_truth
 from htc_fast.ops import _debug
 
 __all__ = ["RPNTargets", "RPNLoss", "rpn_targets", "rpn_loss"]
@@ -35,8 +35,9 @@ class RPNTargets(NamedTuple):
     deltas: (N, A_total, 4) float encoded targets (0 where not positive).
     delta_weights: (N, A_total, 4) float 1 on sampled positives.
     avg_factor: 0-dim tensor, the losses' normaliser (on the device: no sync).
-    sampling: one ``SamplingResult`` per image; its indices are anchor indices (all levels
-        concatenated; only anchors inside the image are ever sampled).
+    sampling: the batch's ``SamplingResult`` ((N, S) fields; ``sampling[i]`` is image i's); its
+        indices are anchor indices (all levels concatenated; only anchors inside the image are
+        ever sampled).
     inside: (N, A_total) bool, the candidate anchors of each image.
     """
 
@@ -45,7 +46,7 @@ class RPNTargets(NamedTuple):
     deltas: Tensor
     delta_weights: Tensor
     avg_factor: Tensor
-    sampling: tuple[SamplingResult, ...]
+    sampling: SamplingResult
     inside: Tensor
 
 
@@ -66,7 +67,7 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[tuple
                 assigner: MaxIoUAssigner, sampler: RandomSampler, allowed_border: float = 0,
                 gt_boxes_ignore: Optional[Sequence[Optional[Tensor]]] = None,
                 generator: Optional[torch.Generator] = None, device=None) -> RPNTargets:
-    """Assign and sample anchors, image by image, without host synchronisation.
+    """Assign and sample the anchors of every image at once, without host synchronisation.
 
     Args:
         anchor_generator: the RPN's anchors; featmap_sizes: (H_l, W_l) per level.
@@ -90,34 +91,36 @@ def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[tuple
         raise ValueError(f"rpn_targets: gt_boxes_ignore has {len(gt_boxes_ignore)} entries for {n} images")
     device = device if device is not None else (gt_boxes[0].device if n else None)
     anchors = anchor_generator.all_anchors(featmap_sizes, device=device)
-    objectness, objectness_weights, deltas, delta_weights, sampling, inside_all = [], [], [], [], [], []
-    for i in range(n):
-        gt = gt_boxes[i].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4)
-        inside = anchor_generator.inside_flags(featmap_sizes, pad_shapes[i], image_sizes[i], allowed_border,
-                                               device=device)
-        if _debug.enabled() and not bool(inside.any()):
-            raise ValueError(f"rpn_targets: image {i} of size {tuple(image_sizes[i])} has no anchor inside "
-                             f"it with allowed_border={allowed_border}; use a negative allowed_border")
-        # Every anchor is a candidate; those outside the image are ignored by the assigner, so
-        # nothing is compacted (no boolean-mask indexing) and indices are anchor indices.
-        ignore = None if gt_boxes_ignore is None else gt_boxes_ignore[i]
-        assign = assigner.assign(anchors, gt, gt_boxes_ignore=ignore, valid=inside)
-        result = sampler.sample(assign, anchors, gt, generator=generator)
-        # Slot indices are distinct (top-k), and an unused slot's anchor is not sampled: writing
-        # each slot's (possibly zero) target at its index is exact.
-        pos = result.is_pos.to(anchors.dtype)
-        gt_for = torch.where(result.is_pos[:, None], result.gt_boxes, result.boxes)
-        index = (result.inds,)
-        objectness.append(anchors.new_zeros(anchors.shape[0]).index_put(index, pos))
-        objectness_weights.append(anchors.new_zeros(anchors.shape[0]).index_put(index, result.valid.to(anchors.dtype)))
-        encoded = coder.encode(result.boxes, gt_for) * pos[:, None]
-        deltas.append(anchors.new_zeros(anchors.shape).index_put(index, encoded))
-        delta_weights.append(anchors.new_zeros(anchors.shape).index_put(index, pos[:, None].expand(-1, 4)))
-        sampling.append(result)
-        inside_all.append(inside)
-    avg_factor = torch.stack([r.avg_factor for r in sampling]).sum() if sampling else 0
-    return RPNTargets(torch.stack(objectness), torch.stack(objectness_weights), torch.stack(deltas),
-                      torch.stack(delta_weights), avg_factor, tuple(sampling), torch.stack(inside_all))
+    flags = [anchor_generator.inside_flags(featmap_sizes, pad_shapes[i], image_sizes[i], allowed_border, device=device)
+             for i in range(n)]
+    if _debug.enabled():
+        for i, inside in enumerate(flags):
+            if not bool(inside.any()):
+                raise ValueError(f"rpn_targets: image {i} of size {tuple(image_sizes[i])} has no anchor inside "
+                                 f"it with allowed_border={allowed_border}; use a negative allowed_border")
+    inside = torch.stack(flags)  # (N, A_total)
+    # All images at once: ground truth padded to the batch's largest count; every anchor is a
+    # candidate and those outside an image are ignored by the assigner, so nothing is compacted
+    # (no boolean-mask indexing) and slot indices are anchor indices.
+    gt, _, gt_valid = pad_ground_truth(gt_boxes, dtype=anchors.dtype, device=anchors.device)
+    ignore = None
+    if gt_boxes_ignore is not None and any(g is not None and len(g) for g in gt_boxes_ignore):
+        ignore = pad_ground_truth([g if g is not None else anchors.new_zeros(0, 4) for g in gt_boxes_ignore],
+                                  dtype=anchors.dtype, device=anchors.device)[0]
+    assign = assigner.assign(anchors, gt, gt_boxes_ignore=ignore, valid=inside, gt_valid=gt_valid)
+    result = sampler.sample(assign, anchors, gt, generator=generator, gt_valid=gt_valid)
+    # Slot indices are distinct per image (top-k), and an unused slot's anchor is not sampled:
+    # scattering each slot's (possibly zero) target to its anchor is exact.
+    pos = result.is_pos.to(anchors.dtype)  # (N, S)
+    gt_for = torch.where(result.is_pos[..., None], result.gt_boxes, result.boxes)
+    encoded = coder.encode(result.boxes.reshape(-1, 4), gt_for.reshape(-1, 4)).view(gt_for.shape) * pos[..., None]
+    rows = result.inds[..., None].expand(encoded.shape)
+    zeros = anchors.new_zeros((n, anchors.shape[0]))
+    objectness = zeros.scatter(1, result.inds, pos)
+    objectness_weights = zeros.scatter(1, result.inds, result.valid.to(anchors.dtype))
+    deltas = zeros[..., None].expand(-1, -1, 4).scatter(1, rows, encoded)
+    delta_weights = zeros[..., None].expand(-1, -1, 4).scatter(1, rows, pos[..., None].expand(encoded.shape))
+    return RPNTargets(objectness, objectness_weights, deltas, delta_weights, result.avg_factor.sum(), result, inside)
 
 
 def rpn_loss(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], targets: RPNTargets,
