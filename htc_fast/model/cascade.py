@@ -173,7 +173,9 @@ class HTCRoIHead(nn.Module):
                 samples = self._sample(i, pick, boxes, valid, gt, generator)
             mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks, pick.max_pos, image_shapes)
             w = stage.loss_weight
-            stages.append(StageLoss(w * box_loss.cls, w * box_loss.box, w * mask_loss, box_loss.accuracy))
+            if w != 1:  # (a weight of 1 costs two ops per loss, forward and backward, for nothing)
+                box_loss, mask_loss = box_loss._replace(cls=w * box_loss.cls, box=w * box_loss.box), w * mask_loss
+            stages.append(StageLoss(box_loss.cls, box_loss.box, mask_loss, box_loss.accuracy))
         return CascadeLoss(tuple(stages), semantic_loss)
 
     def _sampler(self, name):

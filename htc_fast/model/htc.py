@@ -24,8 +24,7 @@ class HTCLoss(NamedTuple):
 
     def as_dict(self) -> dict[str, Tensor]:
         """mmdetection's loss names (RPN losses summed over levels), for logging and comparison."""
-        out = {"loss_rpn_cls": torch.stack(list(self.rpn.cls)).sum(),
-               "loss_rpn_bbox": torch.stack(list(self.rpn.bbox)).sum()}
+        out = {"loss_rpn_cls": self.rpn.cls_levels.sum(), "loss_rpn_bbox": self.rpn.bbox_levels.sum()}
         if self.roi.semantic is not None:
             out["loss_semantic_seg"] = self.roi.semantic
         for i, s in enumerate(self.roi.stages):

@@ -9,12 +9,12 @@ Owns only the arithmetic; which boxes get which weight is the heads' business.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["weight_reduce", "smooth_l1_loss", "sigmoid_bce_loss"]
+__all__ = ["EPS", "weight_reduce", "smooth_l1", "smooth_l1_loss"]
 
-_EPS = torch.finfo(torch.float32).eps
+# The floor of a normaliser (mmdet's): a zero avg_factor gives a zero loss, not NaN.
+EPS = torch.finfo(torch.float32).eps
 
 
 def weight_reduce(loss: Tensor, weight: Optional[Tensor] = None,
@@ -33,7 +33,13 @@ def weight_reduce(loss: Tensor, weight: Optional[Tensor] = None,
         loss = loss * weight
     if avg_factor is None:
         return loss.mean()
-    return loss.sum() / (avg_factor + _EPS)
+    return loss.sum() / (avg_factor + EPS)
+
+
+def smooth_l1(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+    """The element-wise smooth L1 of ``smooth_l1_loss`` (same shape as pred), unreduced."""
+    diff = torch.abs(pred - target)
+    return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta) if beta > 0 else diff
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Optional[Tensor] = None,
@@ -63,22 +69,7 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0, weight: Opti
         raise ValueError(f"smooth_l1_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     if target.numel() == 0:
         return pred.sum() * 0
-    diff = torch.abs(pred - target)
-    loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta) if beta > 0 else diff
+    loss = smooth_l1(pred, target, beta)
     if reduction == "sum":
         return (loss if weight is None else loss * weight).sum()
     return weight_reduce(loss, weight, avg_factor)
-
-
-def sigmoid_bce_loss(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None,
-                     avg_factor: Optional[float] = None) -> Tensor:
-    """Binary cross-entropy on logits (mmdet's ``CrossEntropyLoss(use_sigmoid=True)``).
-
-    Args:
-        logits: (...) raw scores; targets: same shape, in [0, 1]; weight: broadcastable.
-    """
-    if logits.shape != targets.shape:
-        raise ValueError(f"sigmoid_bce_loss: logits {tuple(logits.shape)} and targets "
-                         f"{tuple(targets.shape)} differ")
-    loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
-    return weight_reduce(loss, None if weight is None else weight.float(), avg_factor)

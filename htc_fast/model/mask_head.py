@@ -73,6 +73,8 @@ def mask_head_loss(logits: Tensor, labels: Tensor, targets: Tensor, *, weight=1.
     per_pixel = F.binary_cross_entropy_with_logits(picked, targets.to(picked.dtype), reduction="none")
     per_roi = per_pixel.flatten(1).mean(dim=1)
     if roi_weights is None:
-        return weight * per_roi.mean()
-    w = roi_weights.to(per_roi.dtype)
-    return weight * (per_roi * w).sum() / w.sum().clamp(min=1)
+        loss = per_roi.mean()
+    else:
+        w = roi_weights.to(per_roi.dtype)
+        loss = (per_roi * w).sum() / w.sum().clamp(min=1)
+    return loss if weight == 1 else weight * loss

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from htc_fast.model.anchors import AnchorGenerator
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
-from htc_fast.model.losses import sigmoid_bce_loss, smooth_l1_loss
+from htc_fast.model.losses import EPS as _EPS
+from htc_fast.model.losses import smooth_l1
 from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult, pad_ground_truth
 from htc_fast.ops import _debug
 
@@ -51,14 +53,24 @@ class RPNTargets(NamedTuple):
 
 
 class RPNLoss(NamedTuple):
-    """Per-level RPN losses (0-dim tensors, level 0 = stride 4), already weighted."""
+    """Per-level RPN losses, already weighted: (L,) tensors, level 0 = stride 4."""
 
-    cls: tuple[Tensor, ...]
-    bbox: tuple[Tensor, ...]
+    cls_levels: Tensor
+    bbox_levels: Tensor
+
+    @property
+    def cls(self) -> tuple[Tensor, ...]:
+        """The classification loss of each level (0-dim tensors)."""
+        return tuple(self.cls_levels.unbind())
+
+    @property
+    def bbox(self) -> tuple[Tensor, ...]:
+        """The box loss of each level (0-dim tensors)."""
+        return tuple(self.bbox_levels.unbind())
 
     def total(self) -> Tensor:
         """Sum of every level's classification and box loss."""
-        return torch.stack(list(self.cls)).sum() + torch.stack(list(self.bbox)).sum()
+        return self.cls_levels.sum() + self.bbox_levels.sum()
 
 
 def rpn_targets(anchor_generator: AnchorGenerator, featmap_sizes: Sequence[tuple[int, int]],
@@ -143,19 +155,23 @@ def rpn_loss(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], target
     if sum(counts) != targets.objectness.shape[1] or any(c.shape[0] != n for c in cls_logits):
         raise ValueError(f"rpn_loss: the outputs hold {sum(counts)} anchors per image for a batch of "
                          f"{cls_logits[0].shape[0]}, the targets {targets.objectness.shape[1]} for {n}")
-    losses_cls: list[Tensor] = []
-    losses_bbox: list[Tensor] = []
-    start = 0
-    for logits, deltas, count in zip(cls_logits, bbox_deltas, counts):
-        sl = slice(start, start + count)
-        start += count
-        # (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A): the anchors' (y, x, anchor) order. Losses in
-        # float32 whatever the head's precision.
-        pred_cls = logits.permute(0, 2, 3, 1).reshape(n, -1).float()
-        pred_deltas = deltas.permute(0, 2, 3, 1).reshape(n, -1, 4).float()
-        losses_cls.append(cls_weight * sigmoid_bce_loss(
-            pred_cls, targets.objectness[:, sl], targets.objectness_weights[:, sl], targets.avg_factor))
-        losses_bbox.append(bbox_weight * smooth_l1_loss(
-            pred_deltas, targets.deltas[:, sl], smooth_l1_beta, targets.delta_weights[:, sl],
-            targets.avg_factor))
-    return RPNLoss(tuple(losses_cls), tuple(losses_bbox))
+    # Every level at once: (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A) per level (the anchors'
+    # (y, x, anchor) order), levels concatenated as the targets are; one element-wise loss over
+    # all anchors, then each level's sum. Losses in float32 whatever the head's precision.
+    pred_cls = torch.cat([c.permute(0, 2, 3, 1).reshape(n, -1) for c in cls_logits], dim=1).float()
+    pred_deltas = torch.cat([d.permute(0, 2, 3, 1).reshape(n, -1, 4) for d in bbox_deltas], dim=1).float()
+    cls = F.binary_cross_entropy_with_logits(pred_cls, targets.objectness, reduction="none") \
+        * targets.objectness_weights
+    box = smooth_l1(pred_deltas, targets.deltas, smooth_l1_beta) * targets.delta_weights
+    norm = targets.avg_factor + _EPS
+    losses_cls = _level_sums(cls, counts) / norm
+    losses_bbox = _level_sums(box, counts) / norm
+    return RPNLoss(losses_cls if cls_weight == 1 else cls_weight * losses_cls,
+                   losses_bbox if bbox_weight == 1 else bbox_weight * losses_bbox)
+
+
+def _level_sums(loss: Tensor, counts: Sequence[int]) -> Tensor:
+    """(L,) sums of (N, A_total, ...) element-wise losses over each level's anchors (contiguous
+    ranges of A_total). Slices rather than a scatter: deterministic on every device."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return torch.stack([loss[:, s:s + c].sum() for s, c in zip(starts, counts)])
