@@ -8,12 +8,15 @@ microseconds; no Pillow object is made): it says "plain" only for a file that Pi
 as a JPEG of mode RGB or L without EXIF, within Pillow's pixel limit -- exactly the files that
 went to `decode_jpeg` before the scan existed, when Pillow read each header. Anything the scan is
 unsure of (an Exif, MPF or Photoshop segment, CMYK / YCCK, 12-bit, fill bytes, a segment cut short,
-...) takes the Pillow path below, which decides as before. `read_rgb` reads the file into a
-writable buffer that `decode_jpeg`'s operator takes without a copy, and returns the decoder's
-own memory (HWC) as the array. Speed on the six COCO test images, one core, time relative to
-torchvision's `decode_image(path)` (the decoder before issue 16): `read_rgb` 0.99 (interleaved
-A/B, 300 rounds: 0.987 and 0.991; `benchmarks/bench_data.py -k decode` medians 0.98-1.01 on a
-shared machine), 1.03-1.07 when Pillow read each header; Pillow alone about 1.4.
+...) takes the Pillow path below, which decides as before. `read_rgb` reads the file into an
+uninitialised writable buffer that `decode_jpeg`'s operator takes without a copy, and returns
+the decoder's own memory (HWC) as the array. Speed on the six COCO test images, one core, time
+relative to torchvision's `decode_image(path)` (the decoder before issue 16), in runs that
+interleave the decoders round by round (300 rounds each, a shared 2-core machine at load 2.5-3.4):
+`read_rgb` 0.995-1.009, i.e. the same within the noise (the libjpeg-turbo call is 99 % of it);
+with Pillow reading each header (before the scan) 1.07-1.10 in the same runs; Pillow alone
+about 1.4. `benchmarks/bench_data.py -k decode`, which times the cases one after another,
+varies more (0.96-1.03 over six runs).
 `decode_jpeg` raises RuntimeError on a truncated or otherwise undecodable JPEG (never crashes:
 checked on truncated and byte-flipped files in a subprocess); such a file is then decoded by Pillow,
 which raises the error that names it. A JPEG with flipped bytes that libjpeg-turbo can still
@@ -69,9 +72,10 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+Buffer = Union[bytes, bytearray, memoryview]  # a file's bytes (a memoryview of format "B", as read_file gives)
 
 
-def check_png_crcs(data: bytes) -> None:
+def check_png_crcs(data: Buffer) -> None:
     """Raise ValueError when a PNG chunk's CRC is wrong or a chunk runs past the end of the file.
     Pillow skips the CRCs of image-data (IDAT) chunks, so a flipped byte in the pixel data could
     decode silently; libpng refuses such a file, and so do we (crc32 runs at GB/s)."""
@@ -80,7 +84,7 @@ def check_png_crcs(data: bytes) -> None:
         length, = struct.unpack_from(">I", data, pos)
         if pos + 12 + length > end:
             raise ValueError(f"PNG chunk at byte {pos} runs past the end of the file")
-        kind = data[pos + 4:pos + 8]
+        kind = bytes(data[pos + 4:pos + 8])
         stored, = struct.unpack_from(">I", data, pos + 8 + length)
         if zlib.crc32(view[pos + 4:pos + 8 + length]) != stored:
             raise ValueError(f"PNG chunk {kind.decode('latin-1')!r} at byte {pos} has a bad CRC")
@@ -120,11 +124,11 @@ _NOT_PLAIN_APP = ((0xE1, b"Exif\0\0"), (0xE2, b"MPF\0"), (0xED, b"Photoshop 3.0\
 _MIN_APP_LENGTH = ((0xE0, b"JFIF", 7), (0xEE, b"Adobe", 7), (0xE2, b"ICC_PROFILE\0", 14))
 
 
-def plain_jpeg_size(data: Union[bytes, bytearray, memoryview]) -> Optional[tuple[int, int]]:
+def plain_jpeg_size(data: Buffer) -> Optional[tuple[int, int]]:
     """(height, width) of a plain JPEG (see the module docstring), None when it is not one or the
     scan cannot tell -- from the marker segments before the start of scan, without Pillow.
 
-    data: the file's bytes (any buffer: bytes, bytearray, memoryview). "Plain" implies that
+    data: the file's bytes (bytes, bytearray or a memoryview of bytes). "Plain" implies that
     `is_plain_jpeg(Image.open(data))` is True: the file starts with SOI, its segments follow each
     other with no fill bytes or junk, one SOF with 8-bit samples and 1 or 3 components and a size
     within `PIL.Image.MAX_IMAGE_PIXELS`, quantisation tables as Pillow parses them, no APP1 "Exif"
@@ -180,9 +184,16 @@ def _jpeg_operator() -> tuple[Callable, int]:
     return torch.ops.image.decode_jpeg.default, ImageReadMode.RGB.value
 
 
-def _decode_jpeg_rgb(data: bytearray) -> Optional[np.ndarray]:
+def _writable(data: Buffer) -> Union[bytearray, memoryview]:
+    """`data` when `torch.frombuffer` can wrap it as is (a writable buffer: torch warns about
+    read-only ones, which the decoder would only read), else a writable copy."""
+    return data if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly) \
+        else bytearray(data)
+
+
+def _decode_jpeg_rgb(data: Union[bytearray, memoryview]) -> Optional[np.ndarray]:
     """(H, W, 3) uint8 from torchvision's CPU `decode_jpeg`, None when it refuses the data.
-    data: a writable buffer, wrapped without a copy (torch warns about read-only ones)."""
+    data: a writable buffer of bytes (`_writable`), wrapped without a copy."""
     # The operator, not the Python wrapper `decode_jpeg`: the wrapper adds a deprecation warning
     # (torchvision 0.29) and API-usage logging, ~20 us per call, 1.5 % of a COCO image's decoding.
     decode, rgb = _jpeg_operator()
@@ -207,7 +218,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _decode_with_pillow(data: Union[bytes, bytearray], try_torchvision: bool) -> np.ndarray:
+def _decode_with_pillow(data: Buffer, try_torchvision: bool) -> np.ndarray:
     """Pillow's header decides: a plain JPEG goes to `decode_jpeg` when `try_torchvision` (the
     scan was unsure), anything else, or a JPEG `decode_jpeg` refused, is decoded by Pillow."""
     if data[:len(_PNG_SIGNATURE)] == _PNG_SIGNATURE:
@@ -217,7 +228,7 @@ def _decode_with_pillow(data: Union[bytes, bytearray], try_torchvision: bool) ->
         with Image.open(io.BytesIO(data)) as image:
             array = None
             if try_torchvision and is_plain_jpeg(image):
-                array = _decode_jpeg_rgb(data if isinstance(data, bytearray) else bytearray(data))
+                array = _decode_jpeg_rgb(_writable(data))
             if array is None:
                 image.load()
                 method = _UPRIGHT.get(exif_orientation(image))
@@ -235,16 +246,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def decode_rgb(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>") -> np.ndarray:
+def decode_rgb(data: Buffer, name: Union[str, Path] = "<bytes>") -> np.ndarray:
     """(H, W, 3) uint8 RGB, C-contiguous, writable (the caller's), upright, from the bytes of an
-    image file (a bytearray, as `read_file` gives, is decoded without a copy; bytes are copied
-    once for a plain JPEG).
+    image file (a writable buffer, as `read_file` gives, is decoded without a copy; bytes are
+    copied once for a plain JPEG).
 
     Raises ValueError("cannot decode image NAME: ...") on any malformed or unsupported file
     (including Pillow's decompression-bomb limit, `PIL.Image.MAX_IMAGE_PIXELS`)."""
     try:
         plain = plain_jpeg_size(data) is not None
-        array = _decode_jpeg_rgb(data if isinstance(data, bytearray) else bytearray(data)) if plain else None
+        array = _decode_jpeg_rgb(_writable(data)) if plain else None
         if array is None:  # not plain, or refused by decode_jpeg (then Pillow raises naming the file)
             array = _decode_with_pillow(data, try_torchvision=not plain)
     except _DECODE_ERRORS as exc:
@@ -256,16 +267,18 @@ def decode_rgb(data: Union[bytes, bytearray], name: Union[str, Path] = "<bytes>"
     return array if array.flags.writeable else array.copy()
 
 
-def read_file(path: Union[str, Path]) -> bytearray:
-    """The bytes of `path`, in a writable buffer (`torch.frombuffer` wraps it without a copy or a
-    warning); FileNotFoundError naming it when it is not a file."""
+def read_file(path: Union[str, Path]) -> memoryview:
+    """The bytes of `path` as a writable memoryview (format "B"; `torch.frombuffer` wraps it
+    without a copy or a warning, `io.BytesIO` takes it); FileNotFoundError naming it when it is
+    not a file. The file is read straight into an uninitialised buffer: a bytearray would be
+    zeroed first, an extra pass over the bytes that costs ~1 % of a COCO image's decoding."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     with open(path, "rb") as file:
-        data = bytearray(os.fstat(file.fileno()).st_size)
-        del data[file.readinto(data):]  # reads straight into `data` until it is full or the file ends
-    return data
+        buffer = np.empty(os.fstat(file.fileno()).st_size, dtype=np.uint8)
+        size = file.readinto(buffer)  # until the buffer is full or the file ends
+    return memoryview(buffer)[:size]
 
 
 def read_rgb(path: Union[str, Path]) -> np.ndarray:
@@ -274,7 +287,7 @@ def read_rgb(path: Union[str, Path]) -> np.ndarray:
 
 
 def read_label_map(path: Union[str, Path]) -> np.ndarray:
-    """(H, W) uint8 of a single-channel 8-bit image (a COCO-stuff label PNG), values unchanged
+    """(H, W) uint8, writable, of a single-channel 8-bit image (a COCO-stuff label PNG), values unchanged
     (no EXIF rotation: label maps carry none, and mmdetection reads them with flag 'unchanged').
     ValueError naming the file when it is malformed or not 8-bit single-channel (a palette PNG
     gives its indices)."""
@@ -286,6 +299,6 @@ def read_label_map(path: Union[str, Path]) -> np.ndarray:
             image.load()
             if image.mode not in ("L", "P"):
                 raise ValueError(f"must be a single-channel 8-bit PNG, got Pillow mode {image.mode!r}")
-            return np.asarray(image)
+            return np.array(image)  # a writable copy: torch.from_numpy warns on Pillow's read-only array
     except _DECODE_ERRORS as exc:
         raise ValueError(f"cannot decode label map {path}: {_reason(exc)}") from exc
