@@ -16,7 +16,14 @@ from htc_fast.config import RoIConfig, SemanticConfig, TestConfig
 from htc_fast.model.box_coder import decode_boxes, encode_boxes
 from htc_fast.model.box_head import BoxHead, box_head_loss
 from htc_fast.model.mask_head import MaskHead, mask_head_loss
-from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler, SamplingResult, pad_ground_truth
+from htc_fast.model.matching import (
+    FirstKSampler,
+    MaxIoUAssigner,
+    RandomSampler,
+    SamplingResult,
+    bbox_overlaps,
+    pad_ground_truth,
+)
 from htc_fast.model.roi_features import RoIFeatureExtractor
 from htc_fast.model.semantic_head import SemanticHead
 from htc_fast.ops import htc_mask_probs, multiclass_nms, roi_align
@@ -156,10 +163,10 @@ class HTCRoIHead(nn.Module):
         # Every image at once: proposals and ground truth padded to the batch's largest count.
         boxes, valid = _stack_proposals(proposals, proposal_valid)
         gt = pad_ground_truth(gt_boxes, gt_labels, dtype=boxes.dtype, device=boxes.device)
-        stages = []
+        stages, overlaps = [], None
         for i, stage in enumerate(self.roi.stages):
             # Box branch on RoIs sampled from this stage's input boxes.
-            samples = self._sample(i, pick, boxes, valid, gt, generator)
+            samples = self._sample(i, pick, boxes, valid, gt, generator, overlaps)
             rois = _batch_rois(samples.boxes, image_shapes)
             out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
             labels, weights, targets = self._box_targets(i, samples)
@@ -169,8 +176,11 @@ class HTCRoIHead(nn.Module):
             # are the next stage's input and, interleaved, what the mask branch samples from now.
             with torch.no_grad():
                 boxes, valid = self._refine(i, samples, rois, out.deltas, image_shapes)
+                # Their IoU with the ground truth, for this stage's mask branch and the next
+                # stage's box branch (other thresholds, the same boxes).
+                overlaps = bbox_overlaps(gt[0], boxes)
             if self.roi.interleaved:
-                samples = self._sample(i, pick, boxes, valid, gt, generator)
+                samples = self._sample(i, pick, boxes, valid, gt, generator, overlaps)
             mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks, pick.max_pos, image_shapes)
             w = stage.loss_weight
             if w != 1:  # (a weight of 1 costs two ops per loss, forward and backward, for nothing)
@@ -184,10 +194,12 @@ class HTCRoIHead(nn.Module):
             raise ValueError(f"sampler must be 'random' or 'first-k', got {name!r}")
         return cls(self.roi.sampler_num, self.roi.sampler_pos_fraction, -1, self.roi.add_gt_as_proposals)
 
-    def _sample(self, stage, sampler, boxes, valid, gt, generator) -> SamplingResult:
-        """Assign and sample (B, K, 4) boxes of all images in one pass; gt from pad_ground_truth."""
+    def _sample(self, stage, sampler, boxes, valid, gt, generator, overlaps=None) -> SamplingResult:
+        """Assign and sample (B, K, 4) boxes of all images in one pass; gt from pad_ground_truth;
+        overlaps: their (B, G, K) IoU with the ground truth, if computed already."""
         gt_boxes, gt_labels, gt_valid = gt
-        assigned = self.assigners[stage].assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid)
+        assigned = self.assigners[stage].assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid,
+                                                overlaps=overlaps)
         return sampler.sample(assigned, boxes, gt_boxes, gt_labels, generator=generator, gt_valid=gt_valid)
 
     def _box_targets(self, stage, samples: SamplingResult):

@@ -153,13 +153,15 @@ class MaxIoUAssigner:
 
     def assign(self, boxes: Tensor, gt_boxes: Tensor, gt_labels: Optional[Tensor] = None,
                gt_boxes_ignore: Optional[Tensor] = None, valid: Optional[Tensor] = None,
-               gt_valid: Optional[Tensor] = None) -> AssignResult:
+               gt_valid: Optional[Tensor] = None, overlaps: Optional[Tensor] = None) -> AssignResult:
         """Assign (..., N, 4) xyxy ``boxes`` to (..., G, 4) ``gt_boxes`` with (..., G) int64
         ``gt_labels`` (None: all 0, as for the RPN); optional (..., I, 4) ``gt_boxes_ignore``
         (zero rows as padding); optional (..., N) bool ``valid``: boxes that are not candidates
         (padding, anchors outside the image) are ignored (-1) and take no part in the
         low-quality matching; optional (..., G) bool ``gt_valid``: the real ground-truth rows of a
-        padded batch. ``boxes`` may lack the batch dims (shared anchors)."""
+        padded batch. ``boxes`` may lack the batch dims (shared anchors). ``overlaps``: the
+        (..., G, N) ``bbox_overlaps(gt_boxes, boxes)`` when the caller has it already (two
+        assigners with other thresholds on the same boxes compute it once)."""
         if gt_labels is None:
             gt_labels = torch.zeros(gt_boxes.shape[:-1], dtype=torch.long, device=gt_boxes.device)
         if gt_labels.shape != gt_boxes.shape[:-1]:
@@ -171,7 +173,11 @@ class MaxIoUAssigner:
         num_boxes = boxes.shape[-2]
         if valid is not None and valid.shape[-1] != num_boxes:
             raise ValueError(f"MaxIoUAssigner.assign: valid must be (..., {num_boxes}), got {tuple(valid.shape)}")
-        overlaps = bbox_overlaps(gt_boxes, boxes)  # (..., G, N)
+        if overlaps is None:
+            overlaps = bbox_overlaps(gt_boxes, boxes)  # (..., G, N)
+        elif overlaps.shape[-2:] != (gt_boxes.shape[-2], num_boxes):
+            raise ValueError(f"MaxIoUAssigner.assign: overlaps must be (..., {gt_boxes.shape[-2]}, {num_boxes}), "
+                             f"got {tuple(overlaps.shape)}")
         if (self.ignore_iof_thr > 0 and gt_boxes_ignore is not None and gt_boxes_ignore.numel() > 0
                 and boxes.numel() > 0):
             iof = bbox_overlaps(boxes, gt_boxes_ignore, mode="iof").max(dim=-1).values
