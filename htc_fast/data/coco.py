@@ -175,6 +175,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"thing_ids must be 'stuff_id' or 'label', got {thing_ids!r}")
         self.transform, self.test_mode, self.thing_ids = transform, test_mode, thing_ids
         self.skip_bad, self.max_refetch = skip_bad, max_refetch
+        self._warned: set[int] = set()  # indices whose failure was reported (once per process)
         if isinstance(semantic_stride, bool) or not isinstance(semantic_stride, int) or semantic_stride < 1:
             raise ValueError(f"semantic_stride must be a positive int, got {semantic_stride!r}")
         self.semantic_stride, self.fast = semantic_stride, fast
@@ -351,11 +352,15 @@ class CocoDetection(torch.utils.data.Dataset):
         return out
 
     def try_load(self, index: int, scale: Optional[tuple[int, int]] = None, flip: bool = False) -> Optional[Sample]:
-        """`load(index, scale, flip)`, or None with a warning naming the file when it fails."""
+        """`load(index, scale, flip)`, or None when it fails, with a warning naming the file the
+        first time this process fails on it (an epoch revisits a bad file; one warning is enough,
+        and the run's summary counts every skip)."""
         try:
             return self.load(index, scale, flip)
         except BadSampleError as exc:
-            warnings.warn(f"skipping a sample: {exc}", stacklevel=2)
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping a sample: {exc}", stacklevel=2)
             return None
 
     def __getitem__(self, key: Key) -> Sample:

@@ -36,8 +36,9 @@ def test_unreadable_image_alone_in_its_group_is_skipped_and_counted(tmp_path, ca
     # The built-in run uses work_dir/synthetic_coco when it exists: 8 images, batch 2, so an
     # epoch is 4 landscape batches + 1 batch of the portrait image (padded with itself).
     name = _corrupt_portrait_image(make_synthetic_coco(tmp_path / "synthetic_coco", num_train=8, num_val=2))
-    with pytest.warns(UserWarning, match=f"skipping a sample: .*{name}"):
+    with pytest.warns(UserWarning, match=f"skipping a sample: .*{name}") as record:
         assert train.main(["--work-dir", str(tmp_path), "--no-eval", "--max-iters", "5", "--log-interval", "5"]) == 0
+    assert sum("skipping a sample" in str(w.message) for w in record) == 1  # one warning, two skips
     out = capsys.readouterr().out
     assert f"2 unreadable image load(s) skipped (1 file(s): {name})" in out
     assert "trained 5 iterations" in out
