@@ -18,13 +18,22 @@ Builds `build_htc(get_config("htc_r50_fpn_1x"))`, loads the oracle's state dict 
              rel <= 1e-3; end to end with roi.mask_merge="last" vs `final` and "mean" vs
              `variant_avg3_masks`: merged 28x28 probabilities (abs <= 1e-4) and masks pasted here
              with mmdetection's grid_sample formulation vs the oracle's RLEs (< 0.1% of pixels)
+  model      `model.predict` as a user runs it, on the same features: fixed-capacity proposals
+             (valid rows first, equal to the compact ones: 1e-3 px, scores 1e-6), the padded
+             cascade and htc_fast's own mask pasting, mask_merge="last", vs `final` (boxes
+             0.01 px, scores 1e-4, labels identical, mask pixels < 0.1%)
   train      `train_check.pth`'s 2-image batch (model.train()): with the first-k sampler every
              loss of `first_k_sampler.losses` rel <= 1e-3 (acc: abs <= 0.01 percent), every
              sampler call (assignment, sampled indices, priors) against the recorded one, and
              after backward the recorded gradient norms (rel <= 1e-3), frozen parameters and
-             trainable counts; with the random sampler under torch.manual_seed(0) the same
-             losses and sampler calls (forward only). Sampler calls are recorded by wrapping
-             RandomSampler.sample (pass-through instrumentation; the real code runs).
+             trainable counts; with the random sampler under torch.manual_seed(0) (forward
+             only) the RPN's two sampler calls: assignments and counts (htc_fast draws random
+             keys, not mmdet's randperm: other indices under the same seed, the same
+             distribution; the stages' candidates then differ, so they are not compared,
+             nor the losses). Sampler calls are recorded by wrapping
+             RandomSampler.sample (pass-through instrumentation; the real code runs); a call
+             that samples the whole batch at once is recorded as one entry per image, in
+             mmdet's compact candidate numbering.
 
 Produce the data first with the oracle project (its README: it builds mmdetection 3.3.0 on CPU
 and exports the state dict and reference data), then:

@@ -26,6 +26,7 @@ from oracle_helpers import (
 )
 
 from htc_fast.model.box_coder import decode_boxes
+from htc_fast.model.inputs import ImageBatch
 from htc_fast.ops import multiclass_nms
 
 
@@ -172,6 +173,45 @@ def check_image(model, i, args, rep):
                     MASK_PIX_TOL, note=f"{diff} of {ref_masks.numel()} px; "
                     f"{int((ours != ref_masks).flatten(1).any(1).sum())} of {len(ref_masks)} masks touched")
         rep.flush(f"{tag}: masks")
+
+        # ---- the model's own inference path, on the features above
+        check_model_predict(model, ref, feats, props, rep)
+        rep.flush(f"{tag}: model.predict (fixed-capacity proposals, padded cascade, its mask pasting)")
+
+
+def check_model_predict(model, ref, feats, props, rep):
+    """``model.predict`` as a user runs it: fixed-capacity proposals with valid flags
+    (``padded=True``), the padded cascade with one count read, and htc_fast's own mask pasting,
+    with mask_merge="last" against the oracle's ``final``. The backbone is not rerun: ``features``
+    returns ``feats`` (an instance attribute, restored after)."""
+    meta, fin = ref["metainfo"], ref["final"]
+    img_shape, ori_shape = tuple(meta["img_shape"]), tuple(meta["ori_shape"])
+    padded = model.rpn_head.proposals(model.rpn_head(feats), [img_shape], training=False, padded=True)[0]
+    n = int(padded.valid.sum())
+    rep.add("model", "padded proposals: valid rows first, count", float(abs(n - len(props.boxes))), 0.0,
+            bool(padded.valid[:n].all()) and n == len(props.boxes),
+            note=f"{n} of {len(padded.valid)} rows valid, compact {len(props.boxes)}")
+    rep.add("model", "padded proposals vs compact: boxes (px)", abs_max(padded.boxes[:n], props.boxes), 1e-3)
+    rep.add("model", "padded proposals vs compact: scores", abs_max(padded.scores[:n], props.scores), 1e-6)
+    batch = ImageBatch(ref["inputs"].to(feats[0].device), [img_shape], [tuple(meta["scale_factor"])], [ori_shape])
+    set_mask_merge(model, "last")
+    model.features = lambda images: feats
+    try:
+        t0 = time.perf_counter()
+        det = model.predict(batch, masks="bitmap")[0]
+        t_pred = time.perf_counter() - t0
+    finally:
+        del model.features
+    compare_dets(rep, "model", "model.predict", det.boxes, det.scores, det.labels, fin["bboxes"], fin["scores"],
+                 fin["labels"])
+    ref_masks = decode_rles(fin["masks_rle"])
+    if det.masks.shape != ref_masks.shape:
+        rep.add("model", "model.predict: mask pixels differing", math.inf, MASK_PIX_TOL,
+                note=f"masks {tuple(det.masks.shape)} vs {tuple(ref_masks.shape)}")
+        return
+    diff = int((det.masks.cpu() != ref_masks).sum())
+    rep.add("model", "model.predict: mask pixels differing", diff / max(ref_masks.numel(), 1), MASK_PIX_TOL,
+            note=f"{diff} of {ref_masks.numel()} px; predict {t_pred:.1f}s")
 
 
 def compare_dets(rep, section, what, boxes, scores, labels, rboxes, rscores, rlabels):

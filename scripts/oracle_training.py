@@ -4,6 +4,7 @@ gradient norms, frozen parameters and trainable counts, against ``train_check.pt
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -19,7 +20,12 @@ from htc_fast.model.inputs import ImageBatch, Targets
 
 class SamplerRecorder:
     """Records every RandomSampler / FirstKSampler .sample call (assignment and result), passing
-    it through unchanged. Instrumentation only: the wrapped method runs as it is."""
+    it through unchanged. Instrumentation only: the wrapped methods run as they are.
+
+    htc_fast assigns and samples every image of the batch in one call (fixed-capacity candidate
+    lists with valid flags, ground truth padded with gt_valid), mmdetection one image at a time
+    over compact lists; a batched call is recorded as one entry per image, in image order (the
+    oracle's order: RPN image 0, 1, then per stage the box and the mask sampling, image 0, 1)."""
 
     def __init__(self):
         self.calls, self._orig, self._orig_assign = [], None, None
@@ -29,25 +35,29 @@ class SamplerRecorder:
         self._orig_assign = orig_assign = matching.MaxIoUAssigner.assign
         calls, last = self.calls, {}
 
-        def assign(assigner, boxes, gt_boxes, gt_labels=None, gt_boxes_ignore=None, valid=None):
-            last["valid"] = valid  # candidates are fixed-capacity lists with valid flags
-            return orig_assign(assigner, boxes, gt_boxes, gt_labels, gt_boxes_ignore, valid=valid)
+        # Arguments are read by name through the real signatures (any other argument passes
+        # through untouched, so the recorder follows API additions).
+        assign_sig, sample_sig = inspect.signature(orig_assign), inspect.signature(orig)
 
-        def sample(sampler, assign_result, boxes, gt_boxes, gt_labels=None, generator=None):
-            res = orig(sampler, assign_result, boxes, gt_boxes, gt_labels, generator=generator)
-            # Back to mmdet's compact candidate lists: drop invalid candidates (anchors outside the
-            # image, padding), renumber the sampled indices.
+        def assign(*args, **kwargs):
+            # the candidates' valid flags, (B, N) or (N,) or None
+            last["valid"] = assign_sig.bind(*args, **kwargs).arguments.get("valid")
+            return orig_assign(*args, **kwargs)
+
+        def sample(*args, **kwargs):
+            res = orig(*args, **kwargs)
+            bound = sample_sig.bind(*args, **kwargs).arguments
+            sampler, assign_result, boxes = bound["self"], bound["assign_result"], bound["boxes"]
+            gt_boxes, gt_valid = bound["gt_boxes"], bound.get("gt_valid")
             valid = last.pop("valid", None)
-            keep = torch.ones(len(boxes), dtype=torch.bool) if valid is None else valid.cpu()
-            gt_inds = assign_result.gt_inds.cpu()
-            if sampler.add_gt_as_proposals and len(gt_boxes) > 0:
-                gt_inds = torch.cat([torch.arange(1, len(gt_boxes) + 1), gt_inds])
-                keep = torch.cat([torch.ones(len(gt_boxes), dtype=torch.bool), keep])
-            index = keep.long().cumsum(0) - 1
-            calls.append(dict(num_priors_in=int(keep.sum()) - (len(keep) - len(boxes)), num_gts=len(gt_boxes),
-                              assign_gt_inds=gt_inds[keep], pos_inds=index[res.pos_inds.cpu()],
-                              neg_inds=index[res.neg_inds.cpu()], pos_is_gt=res.pos_is_gt.cpu(),
-                              pos_priors=res.pos_boxes.detach().cpu(), neg_priors=res.neg_boxes.detach().cpu()))
+            if assign_result.gt_inds.dim() == 1:  # one image
+                calls.append(_record(sampler, res, assign_result.gt_inds, boxes.shape[-2], valid, gt_valid,
+                                     gt_boxes.shape[-2]))
+                return res
+            for b in range(len(res)):  # a batch: image b's rows (valid may be shared, (N,))
+                calls.append(_record(sampler, res[b], assign_result.gt_inds[b], boxes.shape[-2],
+                                     None if valid is None else valid.expand_as(assign_result.gt_inds)[b],
+                                     None if gt_valid is None else gt_valid[b], gt_boxes.shape[-2]))
             return res
 
         matching.RandomSampler.sample = sample
@@ -57,6 +67,25 @@ class SamplerRecorder:
     def __exit__(self, *exc):
         matching.RandomSampler.sample = self._orig
         matching.MaxIoUAssigner.assign = self._orig_assign
+
+
+def _record(sampler, res, gt_inds, num_boxes, valid, gt_valid, num_gt_rows):
+    """One image's sampler call in mmdet's compact terms: the invalid candidates (anchors outside
+    the image, padding proposals, padding ground-truth rows) dropped and the sampled indices
+    renumbered. gt_inds: (N,) the assignment of the boxes; valid: (N,) or None; gt_valid: (G,)
+    or None (no padding)."""
+    keep = torch.ones(num_boxes, dtype=torch.bool) if valid is None else valid.cpu()
+    gt_keep = torch.ones(num_gt_rows, dtype=torch.bool) if gt_valid is None else gt_valid.cpu()
+    gt_inds = gt_inds.cpu()
+    if sampler.add_gt_as_proposals and num_gt_rows > 0:
+        gt_inds = torch.cat([torch.arange(1, num_gt_rows + 1), gt_inds])
+        keep = torch.cat([gt_keep, keep])
+    index = keep.long().cumsum(0) - 1
+    num_priors = num_boxes if valid is None else int(valid.sum())
+    return dict(num_priors_in=num_priors, num_gts=int(gt_keep.sum()), assign_gt_inds=gt_inds[keep],
+                pos_inds=index[res.pos_inds.cpu()], neg_inds=index[res.neg_inds.cpu()],
+                pos_is_gt=res.pos_is_gt.cpu(), pos_priors=res.pos_boxes.detach().cpu(),
+                neg_priors=res.neg_boxes.detach().cpu())
 
 
 def train_batch(tc, dev):
@@ -111,6 +140,8 @@ def check_train(model, args, rep):
             # RPN calls (same candidates) compare: assignments and counts.
             rs = ref["sampling"][:2]
             rec.calls[:] = rec.calls[:2]
+            for j, c in enumerate(rec.calls):
+                check_draws(rep, j, c)
             for c, r in zip(rec.calls, rs):
                 if len(c["pos_inds"]) != len(r["pos_inds"]) or len(c["neg_inds"]) != len(r["neg_inds"]):
                     continue  # the counts must match: reported as a difference below
@@ -123,6 +154,17 @@ def check_train(model, args, rep):
             compare_grads(rep, model, ref["grad_norms"], args.oracle_out)
             rep.flush(f"{title}: gradient norms")
             model.zero_grad(set_to_none=True)
+
+
+def check_draws(rep, j, call):
+    """Our random draws (which differ from mmdet's) are still valid samples: positives from the
+    positive pool, negatives from the negative pool, no candidate twice."""
+    assigned, pos, neg = call["assign_gt_inds"], call["pos_inds"], call["neg_inds"]
+    ok = bool((assigned[pos] > 0).all()) and bool((assigned[neg] == 0).all()) and \
+        len(torch.cat([pos, neg]).unique()) == len(pos) + len(neg)
+    rep.add("sampling", f"call {j:2d} random draws from their pools", None, None, ok,
+            note=f"{len(pos)} of {int((assigned > 0).sum())} positives, {len(neg)} of "
+            f"{int((assigned == 0).sum())} negatives, distinct")
 
 
 def compare_losses(rep, loss, ref):
@@ -139,7 +181,7 @@ def compare_losses(rep, loss, ref):
         if k not in loss:
             rep.add("train", k, math.inf, LOSS_TOL, note="missing in HTCLoss.as_dict()")
             continue
-        ours = float(loss[k])
+        ours = float(loss[k].detach()) if torch.is_tensor(loss[k]) else float(loss[k])
         if k.endswith(".acc"):
             rep.add("train", k, abs(ours - v), 0.01, note=f"ours {ours:.6g} ref {v:.6g} (abs, percent)")
         else:
