@@ -19,6 +19,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from htc_fast.model.constants import host_constant
+
 __all__ = ["DeltaXYWHBoxCoder", "encode_boxes", "decode_boxes"]
 
 
@@ -49,26 +51,20 @@ def encode_boxes(boxes: Tensor, gt_boxes: Tensor, means: Sequence[float] = (0.0,
         gt_boxes = gt_boxes.double()
     # Pairs of coordinates at once ((x, y) and (w, h) columns): the same arithmetic per element
     # as one coordinate at a time, in fewer ops.
-    pxy = (boxes[:, :2] + boxes[:, 2:]) * 0.5
-    pwh = boxes[:, 2:] - boxes[:, :2]
-    gxy = (gt_boxes[:, :2] + gt_boxes[:, 2:]) * 0.5
-    gwh = gt_boxes[:, 2:] - gt_boxes[:, :2]
+    p1, p2, g1, g2 = boxes[:, :2], boxes[:, 2:], gt_boxes[:, :2], gt_boxes[:, 2:]
+    pxy, pwh = (p1 + p2) * 0.5, p2 - p1
+    gxy, gwh = (g1 + g2) * 0.5, g2 - g1
     deltas = torch.cat([(gxy - pxy) / pwh, torch.log(gwh / pwh)], dim=-1)
     if _is_identity(means, stds):
         return deltas
     return (deltas - _const(means, deltas)) / _const(stds, deltas)
 
 
-_CONSTANTS = {}
-
-
 def _const(values, like: Tensor) -> Tensor:
     """A (1, 4) tensor of ``values`` on ``like``'s device and dtype, made once (no ops per call)."""
-    key = (tuple(float(v) for v in values), like.device, like.dtype, torch.is_inference_mode_enabled())
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _CONSTANTS[key] = torch.tensor([key[0]], dtype=like.dtype, device=like.device)
-    return t
+    values = tuple(float(v) for v in values)
+    return host_constant(("coder", values, str(like.device), like.dtype),
+                         lambda: torch.tensor([values], dtype=like.dtype, device=like.device))
 
 
 def _is_identity(means, stds) -> bool:
@@ -88,7 +84,8 @@ def decode_boxes(boxes: Tensor, deltas: Tensor, means: Sequence[float] = (0.0, 0
             is applied to the same source box.
         means, stds: the normalisation used by ``encode_boxes``.
         max_shape: (H, W) of the image; when given, x is clipped to [0, W] and y to [0, H]. Or an
-            (N, 2) tensor of each box's (H, W), to decode boxes of several images in one pass.
+            (N, 2) tensor of each box's (H, W), or (N, 4) of its (W, H, W, H), to decode boxes of
+            several images in one pass.
         wh_ratio_clip: dw and dh are clamped to ``[-|log r|, |log r|]``.
 
     Returns:
@@ -112,16 +109,19 @@ def decode_boxes(boxes: Tensor, deltas: Tensor, means: Sequence[float] = (0.0, 0
     rois = boxes.to(dtype)
     if num_classes > 1:
         rois = rois.repeat(1, num_classes).reshape(-1, 4)
-    pxy = (rois[:, :2] + rois[:, 2:]) * 0.5
-    pwh = rois[:, 2:] - rois[:, :2]
+    r1, r2 = rois[:, :2], rois[:, 2:]
+    pxy, pwh = (r1 + r2) * 0.5, r2 - r1
     max_ratio = abs(math.log(wh_ratio_clip))
     dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
     gxy = pxy + pwh * dxy
     half = pwh * dwh.exp() * 0.5
     out = torch.cat([gxy - half, gxy + half], dim=-1)
     if isinstance(max_shape, Tensor):
-        # Per-box bounds (several images in one pass): (N, 2) [h, w] -> [w, h, w, h] per row.
-        bound = max_shape.to(dtype).flip(-1).repeat(1, 2)
+        # Per-box bounds (several images in one pass): (N, 2) [h, w] -> [w, h, w, h] per row,
+        # or given as (N, 4) [w, h, w, h] already (made once per batch layout: no ops here).
+        bound = max_shape.to(dtype)
+        if bound.shape[-1] == 2:
+            bound = bound.flip(-1).repeat(1, 2)
         if num_classes > 1:
             bound = bound.repeat_interleave(num_classes, dim=0)
         out = torch.minimum(out.clamp(min=0), bound)

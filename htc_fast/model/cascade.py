@@ -5,7 +5,6 @@ top to bottom; the heads, RoI extraction and matching live in their own files.
 Module layout = mmdetection's ``roi_head``: ``bbox_head.{i}``, ``mask_head.{i}``,
 ``semantic_head`` (absent in HTC-without-semantic).
 """
-import collections
 from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 from htc_fast.config import RoIConfig, SemanticConfig, TestConfig
 from htc_fast.model.box_coder import decode_boxes, encode_boxes
 from htc_fast.model.box_head import BoxHead, box_head_loss
+from htc_fast.model.constants import host_constant
 from htc_fast.model.mask_head import MaskHead, mask_head_loss
 from htc_fast.model.matching import (
     FirstKSampler,
@@ -56,31 +56,18 @@ class CascadeDetections(NamedTuple):
     mask_probs: Optional[Tensor]
 
 
-_CONSTANTS = collections.OrderedDict()
-
-
-def _host_constant(key, build) -> tuple[Tensor, ...]:
-    """Tensors that depend only on host values (shapes, counts), built once per key (a small LRU)
-    so that a step dispatches no ops and copies nothing to the device for them."""
-    key = (*key, torch.is_inference_mode_enabled())
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = build()
-        if len(_CONSTANTS) > 64:
-            _CONSTANTS.popitem(last=False)
-    _CONSTANTS.move_to_end(key)
-    return _CONSTANTS[key]
-
-
 def _row_layout(image_shapes, counts, device) -> tuple[Tensor, Tensor]:
-    """(R, 2) [h, w] of each row's image and (R, 1) float32 its image index (the rois' first
-    column), for R = sum(counts) rows of the images in order."""
+    """(R, 4) [w, h, w, h] clip bounds of each row's image (``decode_boxes``' max_shape) and
+    (R, 1) float32 its image index (the rois' first column), for R = sum(counts) rows of the
+    images in order."""
     shapes = tuple((float(h), float(w)) for h, w in image_shapes)
 
     def build():
         image_of = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
-        return (torch.tensor(shapes).reshape(-1, 2)[image_of].to(device), image_of[:, None].float().to(device))
+        bounds = torch.tensor([(w, h, w, h) for h, w in shapes]).reshape(-1, 4)[image_of]
+        return bounds.to(device), image_of[:, None].float().to(device)
 
-    return _host_constant(("rows", shapes, tuple(counts), str(device)), build)
+    return host_constant(("rows", shapes, tuple(counts), str(device)), build)
 
 
 def _batch_rois(boxes: Tensor, image_shapes) -> Tensor:
@@ -273,7 +260,7 @@ class HTCRoIHead(nn.Module):
                               b.new_zeros((capacity, size, size), dtype=torch.float32)
                               for b, g, m in zip(boxes, gt_inds, masks)])
         # Row r of image i takes mask offsets[i] + gt_inds[r] of the concatenated masks.
-        offsets = _host_constant(("mask offsets", tuple(counts), capacity, str(boxes.device)), lambda: (
+        offsets = host_constant(("mask offsets", tuple(counts), capacity, str(boxes.device)), lambda: (
             torch.tensor([sum(counts[:i]) for i in range(batch)]).repeat_interleave(capacity).to(boxes.device),))[0]
         index = (gt_inds.reshape(-1) + offsets).clamp(max=sum(counts) - 1)
         rois = torch.cat([index[:, None].to(torch.float32), boxes.reshape(-1, 4).float()], dim=1)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
+from htc_fast.model.constants import host_constant
 from htc_fast.ops import batched_nms
 
 __all__ = ["Proposals", "rpn_proposals"]
@@ -110,9 +111,11 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
     scores = torch.cat(level_scores, dim=1)
     ids = torch.cat(level_ids)
     total = scores.shape[1]
-    bounds = torch.tensor([[float(h), float(w)] for h, w in image_sizes], device=scores.device)
+    sizes = tuple((float(h), float(w)) for h, w in image_sizes)
+    bounds = host_constant(("rpn bounds", sizes, total, str(scores.device)), lambda: torch.tensor(
+        [(w, h, w, h) for h, w in sizes], device=scores.device).repeat_interleave(total, dim=0))
     boxes = coder.decode(torch.cat(level_anchors, dim=1).reshape(-1, 4), torch.cat(level_deltas, dim=1).reshape(-1, 4),
-                         max_shape=bounds.repeat_interleave(total, dim=0)).reshape(n, total, 4)
+                         max_shape=bounds).reshape(n, total, 4)
     if min_bbox_size >= 0:
         big = ((boxes[..., 2] - boxes[..., 0]) > min_bbox_size) & ((boxes[..., 3] - boxes[..., 1]) > min_bbox_size)
     else:
