@@ -15,6 +15,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from htc_fast.model.constants import host_constant
+
 # The samplers live in sampling.py; re-exported here, where callers have always found them.
 from htc_fast.model.sampling import FirstKSampler, RandomSampler, SamplingResult
 
@@ -201,11 +203,11 @@ class MaxIoUAssigner:
         batch = overlaps.shape[:-2]
         device = overlaps.device
         gt_inds = torch.full((*batch, num_boxes), -1, dtype=torch.long, device=device)
-        labels = torch.full((*batch, num_boxes), -1, dtype=torch.long, device=device)
         if num_gts == 0 or num_boxes == 0:
             if num_gts == 0:
                 gt_inds.zero_()
-            return AssignResult(num_gts, gt_inds, overlaps.new_zeros((*batch, num_boxes)), labels)
+            return AssignResult(num_gts, gt_inds, overlaps.new_zeros((*batch, num_boxes)),
+                                torch.full_like(gt_inds, -1))
 
         max_overlaps, argmax = overlaps.max(dim=-2)
         lo, hi = self.neg_iou_thr if isinstance(self.neg_iou_thr, tuple) else (0.0, self.neg_iou_thr)
@@ -225,15 +227,20 @@ class MaxIoUAssigner:
             if gt_valid is not None:
                 eligible = eligible & gt_valid
             if self.gt_max_assign_all:
-                hit = (overlaps == gt_max[..., None]) & eligible[..., None]  # (..., G, N)
+                # An ineligible ground truth's target value is 2, which no IoU equals.
+                hit = overlaps == torch.where(eligible, gt_max, 2.0)[..., None]  # (..., G, N)
             else:
-                first = overlaps.argmax(dim=-1)
-                hit = (torch.arange(num_boxes, device=device) == first[..., None]) & eligible[..., None]
+                first = overlaps.argmax(dim=-1).masked_fill(~eligible, -1)  # -1: no box
+                hit = _arange(num_boxes, device, 0, 1) == first[..., None]
             # mmdet loops k = 0..G-1 and overwrites, so the LAST matching ground truth wins.
-            order = torch.arange(1, num_gts + 1, device=device)[:, None]
-            winner = (hit.long() * order).max(dim=-2).values  # (..., N) 0 = none
+            winner = (hit * _arange(num_gts, device, 1, 2)).max(dim=-2).values  # (..., N) 0 = none
             gt_inds = torch.where(winner > 0, winner, gt_inds)
 
         matched = gt_labels.to(torch.long).gather(-1, (gt_inds - 1).clamp(min=0))
-        labels = torch.where(gt_inds > 0, matched, labels)
-        return AssignResult(num_gts, gt_inds, max_overlaps, labels)
+        return AssignResult(num_gts, gt_inds, max_overlaps, matched.masked_fill(gt_inds <= 0, -1))
+
+
+def _arange(n: int, device, start: int, dims: int) -> Tensor:
+    """arange(start, start + n) as a (n,) (dims 1) or (n, 1) (dims 2) int64 tensor, made once."""
+    return host_constant(("arange", n, str(device), start, dims), lambda: torch.arange(
+        start, start + n, device=device).reshape((n,) + (1,) * (dims - 1)))

@@ -196,13 +196,14 @@ class RandomSampler:
         gt_inds = assign_result.gt_inds
         n = gt_inds.shape[-1]
         u = self._keys(gt_inds.shape, device, generator)
-        pos = gt_inds > 0
         cls = _UNUSED - (gt_inds == 0).to(torch.float64)  # negatives 1, the rest 2 for now
         k_pos = min(self.max_pos, n)
         if k_pos > 0:
-            # The k_pos positives with the smallest keys (fewer when the pool is smaller).
-            pos_key, chosen = u.masked_fill(~pos, 2.0).topk(k_pos, dim=-1, largest=False)
-            cls = cls.scatter_reduce(-1, chosen, (pos_key >= 1.0).to(cls.dtype) * _UNUSED, "amin")
+            # The k_pos positives with the smallest keys (fewer when the pool is smaller): they
+            # become class 0; a non-positive picked because the pool was short has key 2, whose
+            # floor (2) leaves its class as it is.
+            pos_key, chosen = u.masked_fill(gt_inds <= 0, 2.0).topk(k_pos, dim=-1, largest=False)
+            cls = cls.scatter_reduce(-1, chosen, pos_key.floor(), "amin")
         slots = min(self.num, n)
         key, order = (cls + u).topk(slots, dim=-1, largest=False)  # positives, then negatives, by key
         slot_cls = key.floor()
@@ -214,7 +215,7 @@ class RandomSampler:
             is_neg = is_neg & (rank < cap[..., None])
             slot_cls = slot_cls.masked_fill(~(is_pos | is_neg), _UNUSED)
         # mmdet's layout: positives then negatives, each in ascending candidate index.
-        layout = slot_cls.long() * (n + 1) + order
+        layout = slot_cls * (n + 1) + order  # float64: exact for any realistic n
         layout, perm = layout.sort(dim=-1)
         inds, is_pos, is_neg = order.gather(-1, perm), is_pos.gather(-1, perm), is_neg.gather(-1, perm)
         return self._result(assign_result, boxes, is_gt, gt_boxes, inds, is_pos, is_neg, num_pos)
