@@ -129,7 +129,8 @@ class MaxIoUAssigner:
     With ``ignore_iof_thr > 0`` and ignore boxes given, boxes covered by an ignore box by more
     than that IoF (of the box) get overlap -1 with every ground truth, so they stay ignored
     unless step 4 picks them. No ground truth: every box is negative. HTC: RPN (0.7, 0.3, 0.3),
-    cascade stages (0.5, 0.5, 0.5), (0.6, ...), (0.7, ...) with ``match_low_quality=False``.
+    cascade stages (0.5, 0.5, 0.5), (0.6, ...), (0.7, ...); all with ``match_low_quality`` left at
+    its default, True (HTC's config, unlike Cascade R-CNN's, does not turn it off for the stages).
 
     One image or a batch: every argument may carry the same leading batch dims (ground truth
     padded by ``pad_ground_truth``, its ``gt_valid`` marking the real rows), and each image is
