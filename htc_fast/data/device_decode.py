@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from htc_fast.data.image_decode import decode_rgb, exif_orientation, is_plain_jpeg
+from htc_fast.data.image_decode import decode_rgb, exif_orientation, is_plain_jpeg, plain_jpeg_size
 from htc_fast.data.preprocess import resize
 
 
@@ -57,20 +57,27 @@ class EncodedImage:
 
 def encode_image(data: bytes, name: str, expected_hw: tuple[int, int], size: tuple[int, int], flip: bool,
                  device: Union[str, torch.device, None]) -> EncodedImage:
-    """Wrap a file's bytes after reading its header only (Pillow, no pixel decoding): ValueError
-    naming the file when it is not an image or its upright size is not `expected_hw`."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            w, h = image.size
-            orientation = exif_orientation(image)
-            if orientation in (5, 6, 7, 8):
-                h, w = w, h
-            plain = is_plain_jpeg(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
+    """Wrap a file's bytes after reading its header only (no pixel decoding; a plain JPEG's
+    marker scan, else Pillow's header parse): ValueError naming the file when it is not an image
+    or its upright size is not `expected_hw`. `data` may be bytes or a writable buffer (a
+    memoryview from `image_decode.read_file` is wrapped without a copy)."""
+    hw = plain_jpeg_size(data)
+    plain = hw is not None
+    if plain:
+        h, w = hw
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                w, h = image.size
+                if exif_orientation(image) in (5, 6, 7, 8):
+                    h, w = w, h
+                plain = is_plain_jpeg(image)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
     if (h, w) != tuple(expected_hw):
         raise ValueError(f"image {name} is {(h, w)} (h, w) but the annotations say {tuple(expected_hw)}")
-    array = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    writable = isinstance(data, memoryview) and not data.readonly
+    array = torch.frombuffer(data if writable else bytearray(data), dtype=torch.uint8)
     return EncodedImage(array, name, (h, w), tuple(size), flip, plain,
                         None if device is None else torch.device(device))
 

@@ -96,3 +96,18 @@ def test_bad_files_are_caught_in_the_worker_or_named_at_decoding(tmp_path):
     encoded = encode_image(bytes(broken), "broken.png", (20, 30), (10, 15), False, "cpu")
     with pytest.raises(ValueError, match="cannot decode image broken.png"):
         decode_batch([encoded])
+
+
+def test_coco_jpegs_are_wrapped_from_the_marker_scan_without_a_copy():
+    from htc_fast.data.image_decode import read_file
+
+    for path in sorted(IMAGE_DIR.glob("*.jpg")):
+        with Image.open(path) as image:
+            w, h = image.size
+        data = read_file(path)
+        encoded = encode_image(data, path.name, (h, w), (h // 2, w // 2), False, "cpu")
+        assert encoded.device_decodable and encoded.original_shape == (h, w)
+        # the file's buffer itself, not a copy of it
+        assert encoded.data.data_ptr() == torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+        with pytest.raises(ValueError, match=path.name):  # the size check still runs on this path
+            encode_image(data, path.name, (h + 1, w), (h, w), False, "cpu")
