@@ -95,4 +95,5 @@ def _bench_predict(benchmark, model, device, dtype, impl, images, group, role=No
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
     with count_ops() as counts:
         target()
-    benchmark.extra_info.update(ops=counts.ops, syncs=counts.syncs, sync_breakdown=counts.sync_breakdown)
+    benchmark.extra_info.update(ops=counts.ops, kernel_ops=counts.kernel_ops, syncs=counts.syncs,
+                                sync_breakdown=counts.sync_breakdown)

@@ -84,6 +84,7 @@ def test_htc_train_iteration(benchmark, device, dtype, impl, direction):
     benchmark.extra_info["images_per_s"] = IMAGES / benchmark.stats.stats.median
     with count_ops() as counts:
         step()
-    benchmark.extra_info.update(ops=counts.ops, syncs=counts.syncs, sync_breakdown=counts.sync_breakdown)
+    benchmark.extra_info.update(ops=counts.ops, kernel_ops=counts.kernel_ops, syncs=counts.syncs,
+                                sync_breakdown=counts.sync_breakdown)
     if device == "cuda":
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()

@@ -87,10 +87,10 @@ def device_table(rows, ratios, device):
     head = ["op", "case", "impl", "dtype", "baseline"] + [DIRECTION_TITLES[d] for d in directions]
     if with_mem:
         head.append("peak MiB (" + " / ".join(DIRECTION_TITLES[d] for d in directions) + ")")
-    # Dispatched ops and host syncs per call (bench_model / bench_train record them).
+    # Dispatched ops (of them, kernel ops) and host syncs per call (bench_model / bench_train record them).
     with_counts = any("ops" in b.get("extra_info", {}) for cells in rows.values() for b in cells.values())
     if with_counts:
-        head.append("ops / syncs")
+        head.append("ops (kernel ops) / syncs")
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i < 5 else "---:" for i in range(len(head))) + "|"]
     for (op, case, impl, dtype), cells in rows.items():
@@ -117,7 +117,8 @@ def device_table(rows, ratios, device):
             row.append(" / ".join("—" if m is None else f"{m / 2**20:.0f}" for m in mem))
         if with_counts:
             info = next((b.get("extra_info", {}) for b in cells.values() if "ops" in b.get("extra_info", {})), {})
-            row.append(f"{info['ops']:,} / {info['syncs']}" if info else "—")
+            kernel = f" ({info['kernel_ops']:,})" if "kernel_ops" in info else ""
+            row.append(f"{info['ops']:,}{kernel} / {info['syncs']}" if info else "—")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

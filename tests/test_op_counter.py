@@ -102,7 +102,19 @@ def test_top_ops_and_report():
     assert c.top_ops(2) == [("add", 3), ("mul", 1)]
     assert c.ops == 6  # 3 add, mul, sum, _local_scalar_dense
     text = c.report()
-    assert "ops=6 syncs=1" in text and "item" in text and "test_op_counter.py" in text
+    assert "ops=6 kernel_ops=6 syncs=1" in text and "item" in text and "test_op_counter.py" in text
+
+
+def test_views_are_ops_but_not_kernel_ops():
+    n = int(torch.randint(2, 6, ()))
+    x = torch.randn(n, 3)
+    with count_ops() as c:
+        for _ in range(n):  # view, t, unsqueeze, expand, slice, permute, select, detach
+            v = x.view(n, 3).t().unsqueeze(0).expand(2, -1, -1)[:, 1:].permute(0, 2, 1).select(0, 0).detach()
+        y = torch.exp(v) + 1  # exp, add: the two kernels
+    assert y.shape == (n, 2)
+    assert c.ops == 8 * n + 2 and c.kernel_ops == 2 and c.views == 8 * n
+    assert dict(c.top_ops())["exp"] == 1
 
 
 def test_nested_reads_count_once():

@@ -16,6 +16,14 @@ decompose into. On a GPU each is at least one kernel launch plus some microsecon
 so this is the "launch count" of a step. It does not depend on the device or on the input size
 (except through data-dependent control flow), which is why tests may pin it.
 
+``kernel_ops``: the ops that compute: ``ops`` less the views and metadata-only ops (``detach``,
+``view``, ``slice``, ``select``, ``unsqueeze``, ``expand``, ``permute``, ``t``, ``_unsafe_view``,
+``lift_fresh``, ...: any op whose schema returns an alias of an input), which change a tensor's
+shape or strides on the host and launch nothing on a GPU. Each kernel op launches at least one
+kernel there (an allocation-only op such as ``empty`` launches none), so this is the closer
+proxy for launches; ``ops`` adds the host work of the views (autograd makes one ``detach`` per
+trainable tensor and per saved output).
+
 ``syncs``: points where the host must wait for the device's result (on a GPU the queue drains and
 the host stops running ahead). Counted on any device with CUDA semantics in mind, so a CPU run
 predicts a GPU run. A sync point is one of:
@@ -83,6 +91,9 @@ _ALWAYS_SYNC = {
     "aten::is_nonzero": "bool",
 }
 
+# Ops that only make a new tensor header over the same storage but whose schema does not say it.
+_METADATA_ONLY = frozenset({"aten::_unsafe_view", "aten::lift_fresh", "aten::_reshape_alias"})
+
 _SYNC_WARNING = "synchroniz"  # torch.cuda.set_sync_debug_mode's message: "called a synchronizing CUDA operation"
 
 
@@ -100,9 +111,15 @@ class OpCounts:
     """The counts of one ``count_ops`` block (filled in while the block runs)."""
 
     ops: int = 0
+    views: int = 0  # of ops: views and metadata-only ops (no kernel; see the module docstring)
     op_counts: collections.Counter = field(default_factory=collections.Counter)
     events: list[SyncEvent] = field(default_factory=list)
     op_sites: collections.Counter = field(default_factory=collections.Counter)  # with count_ops(op_sites=True)
+
+    @property
+    def kernel_ops(self) -> int:
+        """The ops that are not views: each launches at least one kernel on a GPU (see above)."""
+        return self.ops - self.views
 
     @property
     def syncs(self) -> int:
@@ -128,7 +145,8 @@ class OpCounts:
 
     def report(self, n: int = 15) -> str:
         """A human-readable summary: totals, sync breakdown and sites, top ops."""
-        lines = [f"ops={self.ops} syncs={self.syncs} breakdown={self.sync_breakdown}", "sync sites:"]
+        lines = [f"ops={self.ops} kernel_ops={self.kernel_ops} syncs={self.syncs} breakdown={self.sync_breakdown}",
+                 "sync sites:"]
         lines += [f"  {c:5d}  {s}" for s, c in self.sync_sites(n)]
         lines.append("top ops:")
         lines += [f"  {c:5d}  {name}" for name, c in self.top_ops(n)]
@@ -199,6 +217,8 @@ class _DispatchCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name
         self.counts.ops += 1
+        if func.is_view or name in _METADATA_ONLY:
+            self.counts.views += 1
         self.counts.op_counts[name.split("::")[-1] if name.startswith("aten::") else name] += 1
         if self.state.op_sites:
             self.counts.op_sites[_caller()] += 1

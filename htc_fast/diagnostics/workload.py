@@ -99,7 +99,7 @@ def main(argv=None):
     for name, counts in (("train fwd+bwd", count_train_step(model, batch, targets,
                                                            generator=torch.Generator().manual_seed(0), **extra)),
                          ("predict", count_predict(model, batch, **extra))):
-        print(f"{name}: ops={counts.ops} syncs={counts.syncs} {counts.sync_breakdown}")
+        print(f"{name}: ops={counts.ops} kernel_ops={counts.kernel_ops} syncs={counts.syncs} {counts.sync_breakdown}")
         if args.sites:
             print(counts.report(args.sites))
 
