@@ -96,7 +96,7 @@ def test_batched_sampling_equals_per_image(add_gt, num, pos_fraction, ub, first_
         singles = [FixedKeys(k, num, pos_fraction, ub, add_gt) for k in keys]
     got = batched.sample(assigned, boxes, gt, gt_labels, gt_valid=gt_valid)
     assert len(got) == 3
-    for i, (sampler, g) in enumerate(zip(singles, gt_counts)):
+    for i, sampler in enumerate(singles):
         alone = assigner.assign(boxes[i], gts[i], labels[i], valid=valid[i])
         want = sampler.sample(alone, boxes[i], gts[i], labels[i])
         mine = got[i]
