@@ -5,6 +5,7 @@ gradient norms, frozen parameters and trainable counts, against ``train_check.pt
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import os
@@ -50,14 +51,19 @@ class SamplerRecorder:
             sampler, assign_result, boxes = bound["self"], bound["assign_result"], bound["boxes"]
             gt_boxes, gt_valid = bound["gt_boxes"], bound.get("gt_valid")
             valid = last.pop("valid", None)
-            if assign_result.gt_inds.dim() == 1:  # one image
-                calls.append(_record(sampler, res, assign_result.gt_inds, boxes.shape[-2], valid, gt_valid,
-                                     gt_boxes.shape[-2]))
-                return res
-            for b in range(len(res)):  # a batch: image b's rows (valid may be shared, (N,))
-                calls.append(_record(sampler, res[b], assign_result.gt_inds[b], boxes.shape[-2],
-                                     None if valid is None else valid.expand_as(assign_result.gt_inds)[b],
-                                     None if gt_valid is None else gt_valid[b], gt_boxes.shape[-2]))
+            gt_inds = assign_result.gt_inds
+            if valid is not None:  # shared by the leading dims, (N,) or (B, N)
+                valid = valid.expand_as(gt_inds)
+            # One entry per image, leading dims in row-major order: (images) for a batch,
+            # (stages, images) for two cascade stages sampled together (stage i's mask branch,
+            # then stage i + 1's box branch: the oracle's order).
+            for index in itertools.product(*(range(d) for d in gt_inds.shape[:-1])):
+                one = res
+                for k in index:
+                    one = one[k]
+                calls.append(_record(sampler, one, gt_inds[index], boxes.shape[-2],
+                                     None if valid is None else valid[index],
+                                     None if gt_valid is None else gt_valid[index], gt_boxes.shape[-2]))
             return res
 
         matching.RandomSampler.sample = sample

@@ -23,6 +23,7 @@ from htc_fast.model.matching import (
     SamplingResult,
     bbox_overlaps,
     pad_ground_truth,
+    stack_assigners,
 )
 from htc_fast.model.roi_features import RoIFeatureExtractor
 from htc_fast.model.semantic_head import SemanticHead
@@ -150,10 +151,11 @@ class HTCRoIHead(nn.Module):
         # Every image at once: proposals and ground truth padded to the batch's largest count.
         boxes, valid = _stack_proposals(proposals, proposal_valid)
         gt = pad_ground_truth(gt_boxes, gt_labels, dtype=boxes.dtype, device=boxes.device)
-        stages, overlaps = [], None
+        stages, ahead = [], None
         for i, stage in enumerate(self.roi.stages):
-            # Box branch on RoIs sampled from this stage's input boxes.
-            samples = self._sample(i, pick, boxes, valid, gt, generator, overlaps)
+            # Box branch on RoIs sampled from this stage's input boxes (interleaved: already
+            # sampled, together with the previous stage's mask branch).
+            samples = ahead if ahead is not None else self._sample((i,), pick, boxes, valid, gt, generator)[0]
             rois = _batch_rois(samples.boxes, image_shapes)
             out = self.bbox_head[i](self.extract(feats, semantic_feat, rois, self.roi.box_roi_size))
             labels, weights, targets = self._box_targets(i, samples)
@@ -163,11 +165,13 @@ class HTCRoIHead(nn.Module):
             # are the next stage's input and, interleaved, what the mask branch samples from now.
             with torch.no_grad():
                 boxes, valid = self._refine(i, samples, rois, out.deltas, image_shapes)
-                # Their IoU with the ground truth, for this stage's mask branch and the next
-                # stage's box branch (other thresholds, the same boxes).
-                overlaps = bbox_overlaps(gt[0], boxes)
+            ahead = None
             if self.roi.interleaved:
-                samples = self._sample(i, pick, boxes, valid, gt, generator, overlaps)
+                # This stage's mask branch and the next stage's box branch sample the same boxes
+                # with their own thresholds and draws: one call for both.
+                samples, *rest = self._sample(tuple(range(i, min(i + 2, len(self.roi.stages)))), pick, boxes,
+                                              valid, gt, generator)
+                ahead = rest[0] if rest else None
             mask_loss = self._mask_loss(i, feats, semantic_feat, samples, gt_masks, pick.max_pos, image_shapes)
             w = stage.loss_weight
             if w != 1:  # (a weight of 1 costs two ops per loss, forward and backward, for nothing)
@@ -181,13 +185,24 @@ class HTCRoIHead(nn.Module):
             raise ValueError(f"sampler must be 'random' or 'first-k', got {name!r}")
         return cls(self.roi.sampler_num, self.roi.sampler_pos_fraction, -1, self.roi.add_gt_as_proposals)
 
-    def _sample(self, stage, sampler, boxes, valid, gt, generator, overlaps=None) -> SamplingResult:
-        """Assign and sample (B, K, 4) boxes of all images in one pass; gt from pad_ground_truth;
-        overlaps: their (B, G, K) IoU with the ground truth, if computed already."""
+    def _sample(self, stages, sampler, boxes, valid, gt, generator) -> list[SamplingResult]:
+        """Assign and sample (B, K, 4) boxes of all images in one pass, once per stage of
+        ``stages`` (each with its assigner's thresholds and its own random keys; several stages
+        in one call along a leading dim, sharing the IoU); gt from pad_ground_truth."""
         gt_boxes, gt_labels, gt_valid = gt
-        assigned = self.assigners[stage].assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid,
-                                                overlaps=overlaps)
-        return sampler.sample(assigned, boxes, gt_boxes, gt_labels, generator=generator, gt_valid=gt_valid)
+        if len(stages) == 1:
+            assigned = self.assigners[stages[0]].assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid)
+            return [sampler.sample(assigned, boxes, gt_boxes, gt_labels, generator=generator, gt_valid=gt_valid)]
+
+        def per_stage(t):
+            return None if t is None else t.expand(len(stages), *t.shape)
+
+        assigner = stack_assigners([self.assigners[s] for s in stages], boxes)
+        overlaps = per_stage(bbox_overlaps(gt_boxes, boxes))
+        gt_boxes, gt_labels, gt_valid = per_stage(gt_boxes), per_stage(gt_labels), per_stage(gt_valid)
+        assigned = assigner.assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid, overlaps=overlaps)
+        together = sampler.sample(assigned, boxes, gt_boxes, gt_labels, generator=generator, gt_valid=gt_valid)
+        return list(together)
 
     def _box_targets(self, stage, samples: SamplingResult):
         """All images' slots, flattened: (R,) labels (background for negatives and unused slots),

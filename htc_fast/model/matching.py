@@ -9,6 +9,7 @@ Convention of ``AssignResult.gt_inds`` (mmdet's, kept so recorded assignments co
 ``-1`` ignored (neither positive nor negative), ``0`` negative, ``k + 1`` positive matched to
 ground truth ``k``. ``SamplingResult.pos_assigned_gt_inds`` is 0-based.
 """
+import copy
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -20,8 +21,8 @@ from htc_fast.model.constants import host_constant
 # The samplers live in sampling.py; re-exported here, where callers have always found them.
 from htc_fast.model.sampling import FirstKSampler, RandomSampler, SamplingResult
 
-__all__ = ["bbox_overlaps", "pad_ground_truth", "AssignResult", "MaxIoUAssigner", "SamplingResult", "RandomSampler",
-           "FirstKSampler"]
+__all__ = ["bbox_overlaps", "pad_ground_truth", "AssignResult", "MaxIoUAssigner", "stack_assigners", "SamplingResult",
+           "RandomSampler", "FirstKSampler"]
 
 
 def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", eps: float = 1e-6) -> Tensor:
@@ -239,6 +240,35 @@ class MaxIoUAssigner:
 
         matched = gt_labels.to(torch.long).gather(-1, (gt_inds - 1).clamp(min=0))
         return AssignResult(num_gts, gt_inds, max_overlaps, matched.masked_fill(gt_inds <= 0, -1))
+
+
+def stack_assigners(assigners: Sequence[MaxIoUAssigner], like: Tensor) -> MaxIoUAssigner:
+    """One assigner that applies ``assigners[a]`` along a new leading dim: its ``assign`` takes
+    (A, B, ...) ground truth (and overlaps), expanded views are enough, and shared (B, N, 4)
+    boxes. The assigners must follow the same rules and differ only in their thresholds, which
+    become (A, 1, 1) tensors in ``like``'s dtype and device (made once): a comparison with them
+    rounds as the comparison with the float did. For cascade stages that sample the same boxes."""
+    first = assigners[0]
+
+    def rules(a):
+        return a.gt_max_assign_all, a.ignore_iof_thr, a.match_low_quality, isinstance(a.neg_iou_thr, tuple)
+
+    if any(rules(a) != rules(first) for a in assigners):
+        raise ValueError("stack_assigners: the assigners must differ in their thresholds only")
+
+    def column(values) -> Tensor:
+        values = tuple(float(v) for v in values)
+        return host_constant(("thresholds", values, like.dtype, str(like.device)), lambda: torch.tensor(
+            values, dtype=like.dtype, device=like.device).view(-1, 1, 1))
+
+    out = copy.copy(first)
+    out.pos_iou_thr = column(a.pos_iou_thr for a in assigners)
+    out.min_pos_iou = column(a.min_pos_iou for a in assigners)
+    if isinstance(first.neg_iou_thr, tuple):
+        out.neg_iou_thr = tuple(column(a.neg_iou_thr[k] for a in assigners) for k in (0, 1))
+    else:
+        out.neg_iou_thr = column(a.neg_iou_thr for a in assigners)
+    return out
 
 
 def _arange(n: int, device, start: int, dims: int) -> Tensor:

@@ -74,15 +74,15 @@ class SamplingResult:
         return self.num_pos.clamp(min=1) + self.num_neg.clamp(min=1)
 
     def __len__(self) -> int:
-        if self.inds.dim() != 2:
-            raise TypeError("len() of a SamplingResult: only a batch (2-D inds) has images")
+        if self.inds.dim() < 2:
+            raise TypeError("len() of a SamplingResult: only a batch (inds of 2 dims or more) has images")
         return self.inds.shape[0]
 
     def __getitem__(self, i: int) -> "SamplingResult":
         """Image i of a batch, as if it had been sampled alone (its padding ground-truth
-        candidates included in the candidate indices)."""
-        if self.inds.dim() != 2:
-            raise TypeError("indexing a SamplingResult: only a batch (2-D inds) has images")
+        candidates included in the candidate indices); with more leading dims, the i-th batch."""
+        if self.inds.dim() < 2:
+            raise TypeError("indexing a SamplingResult: only a batch (inds of 2 dims or more) has images")
         return SamplingResult(**{f.name: getattr(self, f.name)[i] for f in fields(self) if f.name != "num_gts"},
                               num_gts=self.num_gts)
 

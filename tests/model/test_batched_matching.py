@@ -4,7 +4,14 @@ the same slots (boxes, flags, matched ground truth, labels) for the same random 
 import pytest
 import torch
 
-from htc_fast.model.matching import FirstKSampler, MaxIoUAssigner, RandomSampler, pad_ground_truth
+from htc_fast.model.matching import (
+    FirstKSampler,
+    MaxIoUAssigner,
+    RandomSampler,
+    bbox_overlaps,
+    pad_ground_truth,
+    stack_assigners,
+)
 from tests.model.test_matching import grid_boxes
 
 ASSIGNERS = [MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3),  # the RPN's
@@ -120,3 +127,41 @@ def test_random_batched_sampling_never_picks_padding():
         picked_padding = got.valid & (got.inds < gt.shape[1]) & ~gt_valid.gather(1, chosen_gt)
         assert not picked_padding.any()
         assert torch.equal(got.is_gt & got.valid, (got.inds < gt.shape[1]) & got.valid)
+
+
+@pytest.mark.parametrize("assigners", [
+    [MaxIoUAssigner(0.5, 0.5, 0.5), MaxIoUAssigner(0.6, 0.6, 0.6)],  # HTC's stages 1 and 2
+    [MaxIoUAssigner(0.6, (0.1, 0.4), 0.2, gt_max_assign_all=False), MaxIoUAssigner(0.7, (0.0, 0.3), 0.0,
+                                                                                     gt_max_assign_all=False),
+     MaxIoUAssigner(0.4, (0.2, 0.4), 0.4, gt_max_assign_all=False)],
+], ids=["htc", "pair-neg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_assigners_equal_each_assigner(assigners, dtype):
+    # Several assigners on the same boxes in one call (cascade stage i's mask branch and stage
+    # i + 1's box branch): each slice of the leading dim is that assigner's own result, and the
+    # first-k samples of each slice are its own samples.
+    gt_counts = (3, 0, 6)
+    boxes, valid, gts, labels, _ = random_batch(40, gt_counts, dtype=dtype)
+    gt, gt_labels, gt_valid = pad_ground_truth(gts, labels)
+    n = len(assigners)
+
+    def per(t):
+        return t.expand(n, *t.shape)
+
+    stacked = stack_assigners(assigners, boxes)
+    got = stacked.assign(boxes, per(gt), per(gt_labels), valid=valid, gt_valid=per(gt_valid),
+                         overlaps=per(bbox_overlaps(gt, boxes)))
+    sampler = FirstKSampler(24, 0.25)
+    samples = sampler.sample(got, boxes, per(gt), per(gt_labels), gt_valid=per(gt_valid))
+    assert len(samples) == n
+    for a, assigner in enumerate(assigners):
+        want = assigner.assign(boxes, gt, gt_labels, valid=valid, gt_valid=gt_valid)
+        assert torch.equal(got.gt_inds[a], want.gt_inds) and torch.equal(got.labels[a], want.labels), a
+        alone = sampler.sample(want, boxes, gt, gt_labels, gt_valid=gt_valid)
+        for name in ("inds", "is_pos", "is_neg", "boxes", "is_gt", "gt_inds", "gt_boxes", "labels", "num_pos"):
+            assert torch.equal(getattr(samples[a], name), getattr(alone, name)), (a, name)
+
+
+def test_stack_assigners_refuses_other_rules():
+    with pytest.raises(ValueError, match="thresholds only"):
+        stack_assigners([MaxIoUAssigner(0.5, 0.5), MaxIoUAssigner(0.5, 0.5, match_low_quality=False)], torch.zeros(1))
