@@ -79,12 +79,12 @@ def box_head_loss(out: BoxHeadOutput, labels: Tensor, delta_targets: Tensor, *, 
     w = torch.ones_like(labels, dtype=torch.float32) if weights is None else weights.float()
     count = w.sum().clamp(min=1)
     ce = F.cross_entropy(out.cls_logits, labels, reduction="none")
-    cls = (ce * w).sum() / count
+    cls = torch.dot(ce, w.to(ce.dtype)) / count  # (a weighted sum in one op, forward and backward)
     background = out.cls_logits.shape[1] - 1
-    pos = ((labels >= 0) & (labels < background)).to(w.dtype) * w
+    pos = (labels < background).to(w.dtype) * w  # labels are >= 0 (cross_entropy checks them)
     box = smooth_l1_loss(out.deltas, delta_targets, smooth_l1_beta, pos[:, None], reduction="sum") / count
     if cls_weight != 1 or box_weight != 1:  # (HTC's are 1: no op spent on them)
         cls, box = cls_weight * cls, box_weight * box
     correct = (out.cls_logits.argmax(1) == labels).to(w.dtype)
-    accuracy = (correct * w).sum() / count * 100
+    accuracy = torch.dot(correct, w) / count * 100
     return BoxLoss(cls, box, accuracy.detach())

@@ -76,5 +76,5 @@ def mask_head_loss(logits: Tensor, labels: Tensor, targets: Tensor, *, weight=1.
         loss = per_roi.mean()
     else:
         w = roi_weights.to(per_roi.dtype)
-        loss = (per_roi * w).sum() / w.sum().clamp(min=1)
+        loss = torch.dot(per_roi, w) / w.sum().clamp(min=1)
     return loss if weight == 1 else weight * loss

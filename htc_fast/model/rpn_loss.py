@@ -21,6 +21,7 @@ from torch import Tensor
 
 from htc_fast.model.anchors import AnchorGenerator
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
+from htc_fast.model.constants import host_constant
 from htc_fast.model.losses import EPS as _EPS
 from htc_fast.model.losses import smooth_l1
 from htc_fast.model.matching import MaxIoUAssigner, RandomSampler, SamplingResult, pad_ground_truth
@@ -172,6 +173,9 @@ def rpn_loss(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], target
 
 def _level_sums(loss: Tensor, counts: Sequence[int]) -> Tensor:
     """(L,) sums of (N, A_total, ...) element-wise losses over each level's anchors (contiguous
-    ranges of A_total). Slices rather than a scatter: deterministic on every device."""
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return torch.stack([loss[:, s:s + c].sum() for s, c in zip(starts, counts)])
+    ranges of A_total): a segmented sum, deterministic on every device (no atomics), one op
+    forward and one backward whatever the number of levels."""
+    per_anchor = loss.sum(dim=0) if loss.dim() == 2 else loss.sum(dim=(0, 2))
+    lengths = host_constant(("level lengths", tuple(counts), str(loss.device)),
+                            lambda: torch.tensor(counts, device=loss.device))
+    return torch.segment_reduce(per_anchor, "sum", lengths=lengths)
