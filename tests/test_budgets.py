@@ -9,7 +9,7 @@ never raise them without a reason in the commit message):
 
 | | dispatched ops | sync points |
 |---|---:|---:|
-| training iteration (forward + backward, random sampler) | <= 2,680 (2,635 measured) | 0 |
+| training iteration (forward + backward, random sampler) | <= 2,680 (2,631 measured) | 0 |
 | ``model.predict`` batch (bitmap masks) | <= 680 (671 measured; the target: 700) | <= 1 (the detection counts) |
 
 Kernel ops (``OpCounts.kernel_ops``: the ops that are not views, i.e. the ones that launch a

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from htc_fast.config import RoIConfig, SemanticConfig, TestConfig
 from htc_fast.model.box_coder import decode_boxes, encode_boxes
 from htc_fast.model.box_head import BoxHead, box_head_loss
-from htc_fast.model.constants import host_constant
+from htc_fast.model.constants import host_constant, row_layout
 from htc_fast.model.mask_head import MaskHead, mask_head_loss
 from htc_fast.model.matching import (
     FirstKSampler,
@@ -22,6 +22,7 @@ from htc_fast.model.matching import (
     RandomSampler,
     SamplingResult,
     bbox_overlaps,
+    pad_boxes,
     pad_ground_truth,
     stack_assigners,
 )
@@ -57,38 +58,21 @@ class CascadeDetections(NamedTuple):
     mask_probs: Optional[Tensor]
 
 
-def _row_layout(image_shapes, counts, device) -> tuple[Tensor, Tensor]:
-    """(R, 4) [w, h, w, h] clip bounds of each row's image (``decode_boxes``' max_shape) and
-    (R, 1) float32 its image index (the rois' first column), for R = sum(counts) rows of the
-    images in order."""
-    shapes = tuple((float(h), float(w)) for h, w in image_shapes)
-
-    def build():
-        image_of = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
-        bounds = torch.tensor([(w, h, w, h) for h, w in shapes]).reshape(-1, 4)[image_of]
-        return bounds.to(device), image_of[:, None].float().to(device)
-
-    return host_constant(("rows", shapes, tuple(counts), str(device)), build)
-
-
 def _batch_rois(boxes: Tensor, image_shapes) -> Tensor:
     """(B, K, 4) boxes of B images -> (B * K, 5) rois [batch_index, x1, y1, x2, y2]."""
-    index_column = _row_layout(image_shapes, [boxes.shape[1]] * boxes.shape[0], boxes.device)[1]
+    index_column = row_layout(image_shapes, [boxes.shape[1]] * boxes.shape[0], boxes.device)[1]
     return torch.cat([index_column.to(boxes.dtype), boxes.reshape(-1, 4)], dim=1)
 
 
 def _stack_proposals(proposals: Sequence[Tensor], valid: Optional[Sequence[Tensor]]):
     """Per-image (K_i, 4) proposals -> (B, K, 4) detached boxes and (B, K) bool validity (None:
     all real), K = max K_i; shorter lists are padded with invalid zero boxes."""
-    counts = [len(p) for p in proposals]
-    boxes = [p.detach() for p in proposals]
-    if len(set(counts)) == 1:
-        return torch.stack(boxes), None if valid is None else torch.stack(list(valid))
-    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
-    real = torch.arange(max(counts), device=padded.device) < torch.tensor(counts, device=padded.device)[:, None]
-    if valid is not None:
-        real = real & torch.nn.utils.rnn.pad_sequence(list(valid), batch_first=True)
-    return padded, real
+    boxes, real = pad_boxes([p.detach() for p in proposals])
+    if valid is None:
+        return boxes, real
+    if real is None:
+        return boxes, torch.stack(list(valid))
+    return boxes, real & torch.nn.utils.rnn.pad_sequence(list(valid), batch_first=True)
 
 
 def rois_from(boxes: Sequence[Tensor]) -> Tensor:
@@ -222,7 +206,7 @@ class HTCRoIHead(nn.Module):
         Returns (B, S, 4) boxes and (B, S) bool validity."""
         st = self.roi.stages[stage]
         batch, slots = samples.inds.shape
-        bounds = _row_layout(image_shapes, [slots] * batch, rois.device)[0]
+        bounds = row_layout(image_shapes, [slots] * batch, rois.device)[0]
         decoded = decode_boxes(rois[:, 1:], deltas.detach(), st.target_means, st.target_stds, max_shape=bounds)
         keep = samples.valid & ~samples.is_gt
         order = (~keep).to(torch.uint8).argsort(dim=-1, stable=True)  # a stable compaction, no sync
@@ -312,7 +296,7 @@ class HTCRoIHead(nn.Module):
         counts = [len(p) for p in proposals]
         device = feats[0].device
         boxes = torch.cat([p.float() for p in proposals]).to(device)
-        bounds, index_column = _row_layout(image_shapes, counts, device)
+        bounds, index_column = row_layout(image_shapes, counts, device)
         rois = torch.cat([index_column, boxes], dim=1)
         logits_sum = None
         for i, stage in enumerate(self.roi.stages):

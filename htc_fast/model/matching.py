@@ -21,8 +21,8 @@ from htc_fast.model.constants import host_constant
 # The samplers live in sampling.py; re-exported here, where callers have always found them.
 from htc_fast.model.sampling import FirstKSampler, RandomSampler, SamplingResult
 
-__all__ = ["bbox_overlaps", "pad_ground_truth", "AssignResult", "MaxIoUAssigner", "stack_assigners", "SamplingResult",
-           "RandomSampler", "FirstKSampler"]
+__all__ = ["bbox_overlaps", "pad_boxes", "pad_ground_truth", "AssignResult", "MaxIoUAssigner", "stack_assigners",
+           "SamplingResult", "RandomSampler", "FirstKSampler"]
 
 
 def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", eps: float = 1e-6) -> Tensor:
@@ -62,30 +62,47 @@ def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", eps: float 
     return overlap / union.clamp(min=eps)
 
 
+def pad_boxes(boxes: Sequence[Tensor], dtype: Optional[torch.dtype] = None,
+              device=None) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-image (K_i, 4) boxes as one (B, K, 4) batch, K = max K_i, padded with zero boxes
+    (which overlap nothing), and the (B, K) bool mask of the real rows -- None when every image
+    has K boxes (nothing to mask). Shapes come from the host: no sync. ``dtype`` / ``device``:
+    of the result (default: the first image's)."""
+    if not boxes:
+        raise ValueError("pad_boxes: no images")
+    dtype = dtype or boxes[0].dtype
+    device = device if device is not None else boxes[0].device
+    counts = [len(b) for b in boxes]
+    rows = [b.to(device=device, dtype=dtype) for b in boxes]
+    rows = [b if b.dim() == 2 else b.reshape(-1, 4) for b in rows]  # (0,) for an image without any
+    if len(set(counts)) == 1:
+        return torch.stack(rows), None
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), _real_rows(counts, device)
+
+
+def _real_rows(counts: Sequence[int], device) -> Tensor:
+    """(B, max count) bool: row j of image i is real when j < counts[i]."""
+    return torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
+
+
 def pad_ground_truth(gt_boxes: Sequence[Tensor], gt_labels: Optional[Sequence[Tensor]] = None,
                      dtype: Optional[torch.dtype] = None,
                      device=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Per-image ground truth as one padded batch, for assigning and sampling every image at once.
 
     gt_boxes: B tensors (G_i, 4); gt_labels: B tensors (G_i,) int64 or None (as for the RPN).
-    Returns (B, G, 4) boxes (padding rows are zero boxes, which overlap nothing), (B, G) int64
-    labels (0 on padding; None without gt_labels) and (B, G) bool ``valid``, G = max G_i; valid is
-    None when every image has G boxes (no padding: the assigner and sampler then skip the mask).
-    Shapes come from the host: no sync. ``dtype`` / ``device``: of the boxes (default: the first
-    image's)."""
+    Returns ``pad_boxes``' (B, G, 4) boxes and (B, G) ``valid`` (None without padding: the
+    assigner and sampler then skip the mask), with the (B, G) int64 labels between them (0 on
+    padding; None without gt_labels)."""
     if not gt_boxes:
         raise ValueError("pad_ground_truth: gt_boxes is empty (no images)")
-    dtype = dtype or gt_boxes[0].dtype
-    device = device if device is not None else gt_boxes[0].device
-    counts = [len(g) for g in gt_boxes]
-    boxes = [g.to(device=device, dtype=dtype).reshape(-1, 4) for g in gt_boxes]
-    labels = None if gt_labels is None else [lab.to(device=device, dtype=torch.long) for lab in gt_labels]
-    if len(set(counts)) == 1:  # equal counts: stacks, no padding, no mask
-        return torch.stack(boxes), None if labels is None else torch.stack(labels), None
-    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
-    padded_labels = None if labels is None else torch.nn.utils.rnn.pad_sequence(labels, batch_first=True)
-    valid = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
-    return padded, padded_labels, valid
+    padded, valid = pad_boxes(gt_boxes, dtype, device)
+    if gt_labels is None:
+        return padded, None, valid
+    labels = [lab.to(device=padded.device, dtype=torch.long) for lab in gt_labels]
+    if valid is None:
+        return padded, torch.stack(labels), None
+    return padded, torch.nn.utils.rnn.pad_sequence(labels, batch_first=True), valid
 
 
 class AssignResult(NamedTuple):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
-from htc_fast.model.constants import host_constant
+from htc_fast.model.constants import row_layout
 from htc_fast.ops import batched_nms
 
 __all__ = ["Proposals", "rpn_proposals"]
@@ -111,9 +111,7 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
     scores = torch.cat(level_scores, dim=1)
     ids = torch.cat(level_ids)
     total = scores.shape[1]
-    sizes = tuple((float(h), float(w)) for h, w in image_sizes)
-    bounds = host_constant(("rpn bounds", sizes, total, str(scores.device)), lambda: torch.tensor(
-        [(w, h, w, h) for h, w in sizes], device=scores.device).repeat_interleave(total, dim=0))
+    bounds = row_layout(image_sizes, [total] * n, scores.device)[0]
     boxes = coder.decode(torch.cat(level_anchors, dim=1).reshape(-1, 4), torch.cat(level_deltas, dim=1).reshape(-1, 4),
                          max_shape=bounds).reshape(n, total, 4)
     if min_bbox_size >= 0:

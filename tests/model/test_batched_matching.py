@@ -9,6 +9,7 @@ from htc_fast.model.matching import (
     MaxIoUAssigner,
     RandomSampler,
     bbox_overlaps,
+    pad_boxes,
     pad_ground_truth,
     stack_assigners,
 )
@@ -165,3 +166,14 @@ def test_stacked_assigners_equal_each_assigner(assigners, dtype):
 def test_stack_assigners_refuses_other_rules():
     with pytest.raises(ValueError, match="thresholds only"):
         stack_assigners([MaxIoUAssigner(0.5, 0.5), MaxIoUAssigner(0.5, 0.5, match_low_quality=False)], torch.zeros(1))
+
+
+def test_pad_boxes_pads_with_zero_rows_and_masks_them():
+    counts = [int(c) for c in torch.randint(0, 5, (3,))] + [5]
+    boxes = [grid_boxes(c) for c in counts]
+    padded, real = pad_boxes(boxes)
+    assert padded.shape == (4, 5, 4) and real.tolist() == [[j < c for j in range(5)] for c in counts]
+    for i, c in enumerate(counts):
+        assert torch.equal(padded[i, :c], boxes[i]) and not padded[i, c:].any()
+    same, none = pad_boxes([boxes[-1], boxes[-1]])
+    assert none is None and torch.equal(same, torch.stack([boxes[-1], boxes[-1]]))
