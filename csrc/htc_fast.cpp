@@ -37,6 +37,17 @@ TORCH_LIBRARY_FRAGMENT(htc_fast, m) {
   m.def("batched_nms_padded(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
         "int max_output, int max_group_size) -> (Tensor keep, Tensor num_kept)");
 
+  // Max-IoU assignment (csrc/assign/), mmdetection's MaxIoUAssigner for a batch of images and A
+  // threshold sets at once. boxes: (B or 1, N, 4) xyxy (float32/float64); gt_boxes: (B, G, 4) in
+  // the same dtype; gt_labels: (B, G) int64 or None (zeros); valid: (B, N) bool or None (candidate
+  // boxes; others are ignored); gt_valid: (B, G) bool or None (the real rows of padded ground
+  // truth); thresholds: A groups of [pos_iou_thr, neg_iou_lo, neg_iou_hi, min_pos_iou].
+  // Returns gt_inds (A, B, N) int64 (-1 ignored, 0 negative, k + 1 ground truth k), max_overlaps
+  // (B, N) and labels (A, B, N) int64 (-1 unless positive). Spec: htc_fast/ops/reference/assign.py.
+  m.def("max_iou_assign(Tensor boxes, Tensor gt_boxes, Tensor? gt_labels, Tensor? valid, Tensor? gt_valid, "
+        "float[] thresholds, bool match_low_quality, bool gt_max_assign_all) "
+        "-> (Tensor gt_inds, Tensor max_overlaps, Tensor labels)");
+
   // Deformable convolution v1 / modulated v2 (csrc/deform_conv/), torchvision's semantics.
   // offset: (N, 2*dg*kh*kw, Ho, Wo) (dy, dx) per (group, tap); mask: (N, dg*kh*kw, Ho, Wo) or None.
   // Offsets and masks are float32 (float64 beside float64 input); weight and bias share input's dtype.

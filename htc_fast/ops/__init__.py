@@ -5,6 +5,7 @@
 from htc_fast.ops._backend import BACKENDS, DEFAULT_BACKENDS, use_backend
 from htc_fast.ops._debug import debug_checks
 from htc_fast.ops._errors import OpArgumentError, OpTypeError, RoiBoxesError, RoiBoxesTypeError
+from htc_fast.ops.assign import Assignment, max_iou_assign
 from htc_fast.ops.deform_conv import deform_conv2d
 from htc_fast.ops.mask_paste import htc_mask_probs, paste_masks
 from htc_fast.ops.mask_rle import paste_masks_rle
@@ -16,4 +17,4 @@ __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "use_backend", "debug_checks", "OpArg
            "RoiBoxesError", "RoiBoxesTypeError", "roi_align", "multilevel_roi_align",
            "map_roi_levels", "nms", "batched_nms", "PaddedKeep", "multiclass_nms", "MulticlassNMSResult",
            "PaddedDetections",
-           "deform_conv2d", "paste_masks", "paste_masks_rle", "htc_mask_probs"]
+           "deform_conv2d", "paste_masks", "paste_masks_rle", "htc_mask_probs", "max_iou_assign", "Assignment"]
