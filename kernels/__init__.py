@@ -18,7 +18,7 @@ except Exception as exc:  # pragma: no cover - depends on the machine
 
 if available:
     try:  # a kernel module that fails to import disables the backend with the reason, no crash
-        from htc_fast.kernels import deform_conv, mask_paste, nms, roi_align  # noqa: F401,E402
+        from htc_fast.kernels import assign, deform_conv, mask_paste, nms, roi_align  # noqa: F401,E402
     except Exception as exc:  # pragma: no cover - depends on the triton version
         available = False
         unavailable_reason = f"htc_fast.kernels failed to import: {type(exc).__name__}: {exc}"

@@ -116,4 +116,25 @@ def deform_conv():
     return cases
 
 
-CASES = {"roi_align": roi_align, "nms": nms, "mask_paste": mask_paste, "deform_conv": deform_conv}
+def assign():
+    from htc_fast.kernels import assign as ka
+
+    cases = []
+    for name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):  # the op's dtypes
+        b, g = boxes(2 * 300).view(2, 300, 4).to(dtype), boxes(2 * 7).view(2, 7, 4).to(dtype)
+        labels, valid, gt_valid = torch.randint(0, 80, (2, 7)), torch.rand(2, 300) > 0.1, torch.rand(2, 7) > 0.2
+        rpn = [0.7, 0.0, 0.3, 0.3]
+        stages = [0.5, 0.0, 0.5, 0.5, 0.6, 0.0, 0.6, 0.6, 0.7, 0.0, 0.7, 0.7]
+        cases.append((f"rpn {name} shared boxes", ka.max_iou_assign_triton,
+                      (b[:1], g, None, valid, gt_valid, rpn, True, True)))
+        cases.append((f"3 sets {name} labels", ka.max_iou_assign_triton,
+                      (b, g, labels, valid, gt_valid, stages, True, True)))
+        cases.append((f"8 sets {name} first box only", ka.max_iou_assign_triton,
+                      (b, g, labels, None, None, rpn * 8, True, False)))
+        cases.append((f"1 set {name} no low quality", ka.max_iou_assign_triton,
+                      (b, g, labels, valid, gt_valid, rpn, False, True)))
+    return cases
+
+
+CASES = {"roi_align": roi_align, "nms": nms, "mask_paste": mask_paste, "deform_conv": deform_conv,
+         "assign": assign}
