@@ -21,7 +21,6 @@ from htc_fast.model.matching import (
     MaxIoUAssigner,
     RandomSampler,
     SamplingResult,
-    bbox_overlaps,
     pad_boxes,
     pad_ground_truth,
     stack_assigners,
@@ -181,10 +180,9 @@ class HTCRoIHead(nn.Module):
         def per_stage(t):
             return None if t is None else t.expand(len(stages), *t.shape)
 
-        assigner = stack_assigners([self.assigners[s] for s in stages], boxes)
-        overlaps = per_stage(bbox_overlaps(gt_boxes, boxes))
+        assigned = stack_assigners([self.assigners[s] for s in stages]).assign(boxes, gt_boxes, gt_labels, valid=valid,
+                                                                                gt_valid=gt_valid)
         gt_boxes, gt_labels, gt_valid = per_stage(gt_boxes), per_stage(gt_labels), per_stage(gt_valid)
-        assigned = assigner.assign(boxes, gt_boxes, gt_labels, valid=valid, gt_valid=gt_valid, overlaps=overlaps)
         together = sampler.sample(assigned, boxes, gt_boxes, gt_labels, generator=generator, gt_valid=gt_valid)
         return list(together)
 

@@ -8,7 +8,6 @@ from htc_fast.model.matching import (
     FirstKSampler,
     MaxIoUAssigner,
     RandomSampler,
-    bbox_overlaps,
     pad_boxes,
     pad_ground_truth,
     stack_assigners,
@@ -149,9 +148,8 @@ def test_stacked_assigners_equal_each_assigner(assigners, dtype):
     def per(t):
         return t.expand(n, *t.shape)
 
-    stacked = stack_assigners(assigners, boxes)
-    got = stacked.assign(boxes, per(gt), per(gt_labels), valid=valid, gt_valid=per(gt_valid),
-                         overlaps=per(bbox_overlaps(gt, boxes)))
+    got = stack_assigners(assigners).assign(boxes, gt, gt_labels, valid=valid, gt_valid=gt_valid)
+    assert got.gt_inds.shape == (n, 3, 40) and got.max_overlaps.shape == (3, 40)
     sampler = FirstKSampler(24, 0.25)
     samples = sampler.sample(got, boxes, per(gt), per(gt_labels), gt_valid=per(gt_valid))
     assert len(samples) == n
@@ -165,7 +163,7 @@ def test_stacked_assigners_equal_each_assigner(assigners, dtype):
 
 def test_stack_assigners_refuses_other_rules():
     with pytest.raises(ValueError, match="thresholds only"):
-        stack_assigners([MaxIoUAssigner(0.5, 0.5), MaxIoUAssigner(0.5, 0.5, match_low_quality=False)], torch.zeros(1))
+        stack_assigners([MaxIoUAssigner(0.5, 0.5), MaxIoUAssigner(0.5, 0.5, match_low_quality=False)])
 
 
 def test_pad_boxes_pads_with_zero_rows_and_masks_them():
