@@ -31,8 +31,9 @@ Kernels and grids (B images, G ground-truth rows per image, N boxes, A <= 8 thre
   last real k with gt_max[k] >= min_pos claiming the box), kept as a (BLOCK, SETS) tile with SETS
   = A rounded up to a power of two. Then it writes max_overlaps, gt_inds and labels.
 The thresholds are constexprs (a tuple of 4 A floats): they are config constants, and as launch
-arguments they would cost a host-to-device copy per call (or 32 scalar arguments). Empty sizes
-(N = 0 or G = 0) launch nothing: the outputs are then made by torch ops.
+arguments they would cost a host-to-device copy per call (or 32 scalar arguments); a new set of
+values compiles the kernel once more. Empty sizes (B, N or G = 0) launch nothing: the outputs are
+then made by torch ops.
 
 Determinism: the output is deterministic (each element is written by one program; no atomics).
 
@@ -297,7 +298,7 @@ def max_iou_assign_triton(boxes: Tensor, gt_boxes: Tensor, gt_labels: Optional[T
     batch, num_gts = gt_boxes.shape[:2]
     num_boxes, sets = boxes.shape[1], len(thresholds) // 4
     device = gt_boxes.device
-    if num_gts == 0 or num_boxes == 0:  # no overlap to compute: every valid box is negative
+    if batch == 0 or num_gts == 0 or num_boxes == 0:  # no overlap to compute: valid boxes are negative
         inds = torch.zeros((sets, batch, num_boxes), dtype=torch.long, device=device)
         if valid is not None:
             inds = inds.masked_fill(~valid, -1)

@@ -1,9 +1,10 @@
 """The Triton max-IoU assignment (``htc_fast::max_iou_assign_triton``, kernels/assign.py) against the
 reference (htc_fast/ops/reference/assign.py) element for element: exact ties (duplicate boxes and
 ground truth, overlaps of exactly 0.5 at a 0.5 threshold), padded ground truth, invalid boxes,
-shared (1, N, 4) boxes, 1 to 3 (and 8) threshold sets, both option flags, empty sizes, float64, NaN
-coordinates; small block sizes so that pass 1 merges several blocks. The general backend tests
-(the public function, every backend) are in test_max_iou_assign.py. Small N: the interpreter is slow.
+shared (1, N, 4) boxes, 1 to 3 (and 8) threshold sets, infinite thresholds, both option flags,
+empty sizes, float64, NaN coordinates; small block sizes so that pass 1 merges several blocks.
+The general backend tests (the public function, every backend) are in test_max_iou_assign.py.
+Small N: the interpreter is slow.
 """
 import pytest
 import torch
@@ -128,6 +129,15 @@ def test_nan_coordinates(kernels, device, blocks, dtype, assign_all):
 def test_eight_sets_and_float64(kernels, device):
     case = make_case(2, 7, 40, torch.float64)
     check(kernels, device, case, random_thresholds(8), True, True)
+
+
+def test_infinite_thresholds(kernels, device):
+    """inf / -inf thresholds (no positives, every box negative, no low-quality match) become
+    constants of the kernel: they must compare as the reference's."""
+    inf = float("inf")
+    case = make_case(2, 5, 40, torch.float32)
+    want = check(kernels, device, case, [inf, -inf, inf, inf, 0.5, 0.0, 0.5, -inf], True, True)
+    assert (want[0][0] == 0).any() and (want[0][0] <= 0).all()
 
 
 def test_every_box_invalid_and_no_ground_truth(kernels, device):
