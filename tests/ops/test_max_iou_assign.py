@@ -157,6 +157,27 @@ def test_nan_coordinates(fast, device, dtype):
                                     gt_max_assign_all=assign_all)
 
 
+def test_up_to_eight_threshold_sets(fast, device):
+    """5-8 sets: more than one launch's worth on CUDA (its kernels take at most 4 sets at a time)."""
+    for count in (5, 8):
+        args, _ = random_case(fast, torch.float32, ties=True)
+        check_against_reference(args, random_thresholds(count), fast, device)
+
+
+def test_noncontiguous_and_expanded_inputs(fast, device):
+    args = make_case(2, sizes(fast)[1], sizes(fast)[2], ties=True, padded=True, invalid=True)
+    views = dict(boxes=args["boxes"].transpose(0, 1).contiguous().transpose(0, 1),
+                 gt_boxes=torch.cat([args["gt_boxes"], args["gt_boxes"]], -1)[..., :4],
+                 valid=args["valid"].t().contiguous().t(), gt_valid=args["gt_valid"][:, :, None][..., 0],
+                 gt_labels=None if args["gt_labels"] is None else args["gt_labels"].t().contiguous().t())
+    assert not views["boxes"].is_contiguous() and not views["gt_boxes"].is_contiguous()
+    expected = run(args, PRESETS[:2], "reference")
+    assert_same(run(views, PRESETS[:2], fast, device), expected, "non-contiguous")
+    shared = dict(args, boxes=args["boxes"][:1].expand(2, -1, -1))  # one set of boxes as a stride-0 view
+    assert_same(run(shared, PRESETS[:2], fast, device), run(dict(args, boxes=args["boxes"][:1]), PRESETS[:2],
+                                                             "reference"), "expanded boxes")
+
+
 # ----------------------------------------------------------------------------- independent oracles
 
 @pytest.mark.parametrize("low_quality, assign_all", OPTIONS)
@@ -344,8 +365,8 @@ def test_compile_fullgraph_equals_eager(device):
         return out.gt_inds, out.max_overlaps, out.labels, (out.gt_inds > 0).sum()
 
     compiled = torch.compile(fn, fullgraph=True)
-    args = {k: v.to(device) for k, v in make_case(2, 40, 5, ties=True, padded=True, invalid=True).items()}
-    args["gt_labels"] = torch.randint(0, 5, (2, 5), device=device)
+    args = dict(make_case(2, 40, 5, ties=True, padded=True, invalid=True), gt_labels=torch.randint(0, 5, (2, 5)))
+    args = {k: v.to(device) for k, v in args.items()}
     for got, expected in zip(compiled(**args), fn(**args)):
         assert torch.equal(got, expected)
 
