@@ -65,12 +65,17 @@ def valid_call(op):
         return [[torch.randn(3, 4, 5, 5) for _ in range(2)], torch.randint(0, 4, (3,))], {}
     if op == "map_roi_levels":
         return [_rois(6, 1, 300.0), 4], dict(finest_scale=56)
+    if op == "max_iou_assign":
+        thresholds = [(0.5, 0.0, 0.4, 0.3), (0.6, 0.1, 0.6, 0.6)]  # tuples: mutated by _mutations' own branch
+        return [_boxes(10, 10.0).view(2, 5, 4), _boxes(6, 10.0).view(2, 3, 4), thresholds], \
+            dict(gt_labels=torch.randint(0, 4, (2, 3)), valid=torch.rand(2, 5) > 0.2,
+                 gt_valid=torch.tensor([[True, True, False], [True, False, False]]), gt_max_assign_all=False)
     raise KeyError(op)
 
 
 OPS = ["roi_align", "multilevel_roi_align", "nms", "nms_padded", "batched_nms", "batched_nms_padded",
        "multiclass_nms", "multiclass_nms_padded", "deform_conv2d", "paste_masks", "paste_masks_rle",
-       "htc_mask_probs", "map_roi_levels"]
+       "htc_mask_probs", "map_roi_levels", "max_iou_assign"]
 NO_BACKEND = ("htc_mask_probs", "map_roi_levels")
 
 
@@ -101,7 +106,7 @@ def _tensor_mutations(t):
                 ("inf", t.float().masked_fill(torch.rand(t.shape) < 0.3, float("inf")).to(t.dtype)
                  if t.is_floating_point() else t),
                 ("huge values", t * 1e30 if t.is_floating_point() else t * 2 ** 40),
-                ("negated", -t)]
+                ("negated", ~t if t.dtype == torch.bool else -t)]
     if t.dim() > 1:
         out += [("last dim +1", torch.cat([t, t[..., :1]], -1)), ("last dim -1", t[..., :-1]),
                 ("non-contiguous", t.transpose(-1, -2).contiguous().transpose(-1, -2)),
@@ -112,6 +117,11 @@ def _tensor_mutations(t):
 def _mutations(value):
     if isinstance(value, torch.Tensor):
         return _tensor_mutations(value)
+    if isinstance(value, list) and value and isinstance(value[0], tuple):  # max_iou_assign's threshold sets
+        first = value[0]
+        return [("empty list", []), ("flat", list(first)), ("9 sets", [first] * 9), ("8 sets", [first] * 8),
+                ("a set of 3", [first[:3]]), ("a set of 5", [first + (0.1,)]), ("not a list", first[0])] + \
+            [(f"[0][{j}] {v!r}", [first[:j] + (v,) + first[j + 1:]] + value[1:]) for j in range(4) for v in NUMBERS]
     if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
         return [("empty list", []), ("tuple", tuple(value)), ("one more", value + value[:1]),
                 ("not a list", value[0])] + \

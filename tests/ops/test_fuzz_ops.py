@@ -6,7 +6,7 @@ or return what the reference backend returns for the same call. The worker runs 
 so that a crash (a segfault, an abort) fails the test with the call that caused it instead of
 taking pytest down; the failure message gives the command that replays exactly that call.
 Counts per backend: 300 calls per op on the reference and C++ backends, 40 on Triton (its
-interpreter is slow); 13 op variants.
+interpreter is slow); 14 op variants.
 """
 import json
 import os
