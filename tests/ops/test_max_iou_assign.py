@@ -97,7 +97,7 @@ def check_against_reference(args, thresholds, backend, device, **options):
 
 # ----------------------------------------------------------------------------- the reference as oracle
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_equals_reference(fast, device, dtype):
     """Random cases, each drawing ties / grid / padding / invalid boxes / shared boxes / an image
     without ground truth, 1-4 threshold sets, under all four option combinations."""
@@ -135,7 +135,7 @@ def test_images_without_ground_truth(fast, device):
     assert not overlaps.any() and (labels == -1).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "mixed"], ids=["fp16", "bf16", "mixed"])
 def test_low_precision_and_mixed_inputs(fast, device, dtype):
     """16-bit boxes are converted to float32 on every backend; float32 next to float64 to float64."""
     args, thresholds = random_case(fast, torch.float32, grid=True)
@@ -147,7 +147,7 @@ def test_low_precision_and_mixed_inputs(fast, device, dtype):
     assert expected.max_overlaps.dtype == (torch.float64 if dtype == "mixed" else torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_nan_coordinates(fast, device, dtype):
     """NaN follows torch.max (the largest overlap, first index) on every backend."""
     for _ in range(max(2, sizes(fast)[3] // 4)):
