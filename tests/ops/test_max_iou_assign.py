@@ -299,7 +299,7 @@ def test_argument_errors_name_the_argument(any_backend, what, change, error, mes
     assert counts.ops == 0, counts.top_ops()  # refused before anything is dispatched
 
 
-@pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a CUDA device")
+@pytest.mark.cuda  # skipped without a GPU (conftest); selected by the GPU suite's -m cuda
 def test_tensors_on_two_devices():
     args = _valid_args()
     for name in ("boxes", "gt_labels", "valid", "gt_valid"):
