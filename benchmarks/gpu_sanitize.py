@@ -6,7 +6,8 @@
 Under the sanitizer every launch is instrumented (10-100x slower), so the inputs are small but
 shaped to reach each kernel's edge paths: RoIs partly outside the map and empty RoIs, several FPN
 levels, NMS groups of different lengths (more than 64 boxes in one, so the bit-mask spans words),
-DCN with offset groups and a mask, mask paste with boxes crossing the image border. Each op's
+DCN with offset groups and a mask, mask paste with boxes crossing the image border, max-IoU
+assignment with padding, invalid boxes and more threshold sets than one CUDA launch takes. Each op's
 result is also compared with the reference backend, so a kernel that silently writes garbage
 fails here even when the sanitizer stays quiet.
 
@@ -90,8 +91,32 @@ def case_paste_masks(backend, device, gen):
     return [(out, ref)]
 
 
+def case_max_iou_assign(backend, device, gen):
+    # Shared anchors (1, N, 4) and per-image boxes; padded ground truth with an image that has none;
+    # invalid boxes; 5 threshold sets (the CUDA kernel takes 4 per launch: two launches); N past
+    # one block of pass 1.
+    xy = torch.rand(2, 700, 2, generator=gen) * 80
+    boxes = torch.cat([xy, xy + 1 + torch.rand(2, 700, 2, generator=gen) * 40], dim=2)
+    gt = torch.cat([boxes[:, :6], boxes[:, 6:12] + 3], dim=1)
+    gt_valid = torch.ones(2, 12, dtype=torch.bool)
+    gt_valid[1] = False
+    gt = gt * gt_valid[..., None]
+    valid = torch.rand(2, 700, generator=gen) > 0.1
+    labels = torch.randint(0, 80, (2, 12), generator=gen)
+    sets = [(0.5 + 0.05 * a, 0.1, 0.4, 0.3) for a in range(5)]
+    pairs = []
+    for candidates in (boxes[:1], boxes):
+        args = [t.to(device) for t in (candidates, gt)]
+        kwargs = dict(gt_labels=labels.to(device), valid=valid.to(device), gt_valid=gt_valid.to(device))
+        got = ops.max_iou_assign(*args, sets, **kwargs, backend=backend)
+        want = ops.max_iou_assign(*args, sets, **kwargs, backend="reference")
+        pairs += list(zip(got, want))
+    return pairs
+
+
 CASES = {"roi_align": case_roi_align, "multilevel_roi_align": case_multilevel_roi_align,
-         "nms": case_nms, "deform_conv2d": case_deform_conv2d, "paste_masks": case_paste_masks}
+         "nms": case_nms, "deform_conv2d": case_deform_conv2d, "paste_masks": case_paste_masks,
+         "max_iou_assign": case_max_iou_assign}
 
 
 def main(argv=None):

@@ -125,7 +125,7 @@ phase e2e 60 e2e.log "$PY" -m pytest benchmarks/bench_model.py benchmarks/bench_
 
 # 6. op benchmarks vs torchvision ---------------------------------------------------------------
 phase op-bench $(( $(remaining) - 45 )) op_bench.log "$PY" -m pytest benchmarks/bench_roi_align.py \
-  benchmarks/bench_nms.py benchmarks/bench_deform_conv.py benchmarks/bench_mask_paste.py -q \
+  benchmarks/bench_nms.py benchmarks/bench_deform_conv.py benchmarks/bench_mask_paste.py benchmarks/bench_assign.py -q \
   --bench-devices=cuda -p no:cacheprovider --benchmark-json="$LOGS/ops.json"
 [ -s "$LOGS/ops.json" ] && cp "$LOGS/ops.json" "$OUT/ops.json"
 JSONS=()

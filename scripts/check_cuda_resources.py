@@ -10,8 +10,9 @@ It prints a table and exits non-zero on:
     `// htc:max-regs <kernel_name> <N> [fp64=<M>]` with the occupancy the ceiling keeps; a kernel without
     one, or an annotation naming no compiled kernel, is an error too;
   * an FMA, or a product a later pass may fuse into one (a `mul` without `.rn`), in the PTX of the
-    RoIAlign sampling-grid helpers (FMA_HELPERS): the CPU computes those coordinates without
-    contraction, so the GPU must too for CPU and CUDA to pick identical sample positions.
+    shared helpers listed in FMA_CHECKS: the RoIAlign sampling grid and the max-IoU overlap. The
+    CPU computes them without contraction, so the GPU must too for CPU and CUDA to pick identical
+    sample positions and make identical == / >= decisions on overlaps.
 
   python scripts/check_cuda_resources.py [--arch 80 90] [--jobs 2] [FILE.cu ...]
 """
@@ -32,9 +33,13 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (header, functions): PTX lines attributed to these functions' bodies must hold no FMA.
-FMA_HELPERS = ("csrc/roi_align/roi_align_common.h", ("make_roi_grid", "sample_coord", "sample_range", "roi_level"))
-FMA_SOURCE = "csrc/roi_align/roi_align_cuda.cu"
+# source -> (header, functions): PTX lines of the source attributed to these functions' bodies
+# must hold no FMA.
+FMA_CHECKS = {
+    "csrc/roi_align/roi_align_cuda.cu": ("csrc/roi_align/roi_align_common.h",
+                                         ("make_roi_grid", "sample_coord", "sample_range", "roi_level")),
+    "csrc/assign/assign_cuda.cu": ("csrc/assign/assign_common.h", ("box_area", "overlap")),
+}
 
 ANNOTATION = re.compile(r"htc:max-regs\s+(\w+)\s+(\d+)(?:\s+fp64=(\d+))?")
 
@@ -230,8 +235,8 @@ def main(argv=None):
                 errors.append(f"{source}: {readable} ({k.arch}): {', '.join(problems)}")
         for name in set(ceilings) - used:
             errors.append(f"{source}: htc:max-regs names {name}, which is not a compiled kernel")
-        if source == FMA_SOURCE:
-            header, funcs = FMA_HELPERS
+        if source in FMA_CHECKS:
+            header, funcs = FMA_CHECKS[source]
             with open(os.path.join(ROOT, header)) as f:
                 ranges = function_lines(f.read(), funcs)
             for arch in args.arch:

@@ -1,5 +1,5 @@
 """Max-IoU assignment of boxes to ground truth, fused: one op for a batch of images and several
-threshold sets, instead of ~45 dispatched ops (IoU matrix, maxima, thresholds, low-quality match).
+threshold sets, instead of ~70 dispatched ops (IoU matrix, maxima, thresholds, low-quality match).
 
 Owns argument checking, the backend choice and the registration of ``htc_fast::max_iou_assign``
 with torch (a fake kernel, so ``torch.compile`` traces through it). The semantics (mmdetection's
