@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AnchorGenerator", "anchor_inside_flags"]
+__all__ = ["AnchorGenerator", "anchor_inside_flags", "in_anchor_order"]
 
 
 class AnchorGenerator:
@@ -195,3 +195,12 @@ def anchor_inside_flags(anchors: Tensor, valid_flags: Tensor, img_shape: tuple[i
     b = allowed_border
     return (valid_flags & (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
             & (anchors[:, 2] < img_w + b) & (anchors[:, 3] < img_h + b))
+
+
+def in_anchor_order(head_output: Tensor, values: int = 1) -> Tensor:
+    """One level's RPN head output in the anchors' (y, x, anchor) order: (N, A * values, H, W) ->
+    (N, H * W * A, values), or (N, H * W * A) for values == 1 (objectness logits; 4 for deltas).
+    A view when the layout allows, else one copy."""
+    n = head_output.shape[0]
+    flat = head_output.permute(0, 2, 3, 1)
+    return flat.reshape(n, -1) if values == 1 else flat.reshape(n, -1, values)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from htc_fast.model.anchors import AnchorGenerator
+from htc_fast.model.anchors import AnchorGenerator, in_anchor_order
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
 from htc_fast.model.constants import host_constant
 from htc_fast.model.losses import EPS as _EPS
@@ -159,8 +159,8 @@ def rpn_loss(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], target
     # Every level at once: (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A) per level (the anchors'
     # (y, x, anchor) order), levels concatenated as the targets are; one element-wise loss over
     # all anchors, then each level's sum. Losses in float32 whatever the head's precision.
-    pred_cls = torch.cat([c.permute(0, 2, 3, 1).reshape(n, -1) for c in cls_logits], dim=1).float()
-    pred_deltas = torch.cat([d.permute(0, 2, 3, 1).reshape(n, -1, 4) for d in bbox_deltas], dim=1).float()
+    pred_cls = torch.cat([in_anchor_order(c) for c in cls_logits], dim=1).float()
+    pred_deltas = torch.cat([in_anchor_order(d, 4) for d in bbox_deltas], dim=1).float()
     cls = F.binary_cross_entropy_with_logits(pred_cls, targets.objectness, reduction="none") \
         * targets.objectness_weights
     box = smooth_l1(pred_deltas, targets.deltas, smooth_l1_beta) * targets.delta_weights

@@ -16,8 +16,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from htc_fast.model.anchors import in_anchor_order
 from htc_fast.model.box_coder import DeltaXYWHBoxCoder
-from htc_fast.model.constants import row_layout
+from htc_fast.model.constants import host_constant, row_layout
 from htc_fast.ops import batched_nms
 
 __all__ = ["Proposals", "rpn_proposals"]
@@ -87,15 +88,15 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
     _check(cls_logits, bbox_deltas, anchors, image_sizes)
     n = len(image_sizes)
     # All images at once up to the NMS: per level the nms_pre best anchors of each image.
-    level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
-    for level, (logits, deltas, level_anchor) in enumerate(zip(cls_logits, bbox_deltas, anchors)):
-        # (N, A, H, W) -> (N, H, W, A): the (y, x, anchor) order of the anchors. Scores and geometry
+    level_scores, level_deltas, level_anchors = [], [], []
+    for logits, deltas, level_anchor in zip(cls_logits, bbox_deltas, anchors):
+        # The (y, x, anchor) order of the anchors (in_anchor_order). Scores and geometry
         # in float32 even when the head ran in low precision (AMP).
         # The sigmoid runs image by image: on CPU a vectorised kernel and its scalar tail differ in
         # the last bit, so one pass over the batch would move the tail and change tie order.
-        flat = logits.permute(0, 2, 3, 1).reshape(n, -1).float()
+        flat = in_anchor_order(logits).float()
         scores = torch.stack([row.sigmoid() for row in flat])  # each row is contiguous, as one image's
-        d = deltas.permute(0, 2, 3, 1).reshape(n, -1, 4).float()
+        d = in_anchor_order(deltas, 4).float()
         a = level_anchor.expand(n, -1, -1)
         if 0 < nms_pre < scores.shape[1]:
             # A stable sort: ties (saturated sigmoids are exactly 1.0) are broken by anchor
@@ -107,9 +108,10 @@ def rpn_proposals(cls_logits: Sequence[Tensor], bbox_deltas: Sequence[Tensor], a
         level_scores.append(scores)
         level_deltas.append(d)
         level_anchors.append(a)
-        level_ids.append(torch.full((scores.shape[1],), level, dtype=torch.long, device=scores.device))
     scores = torch.cat(level_scores, dim=1)
-    ids = torch.cat(level_ids)
+    sizes = tuple(s.shape[1] for s in level_scores)
+    ids = host_constant(("rpn level ids", sizes, str(scores.device)), lambda: torch.cat(  # each candidate's level
+        [torch.full((k,), level, dtype=torch.long) for level, k in enumerate(sizes)]).to(scores.device))
     total = scores.shape[1]
     bounds = row_layout(image_sizes, [total] * n, scores.device)[0]
     boxes = coder.decode(torch.cat(level_anchors, dim=1).reshape(-1, 4), torch.cat(level_deltas, dim=1).reshape(-1, 4),

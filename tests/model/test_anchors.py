@@ -1,12 +1,13 @@
 """Anchors: values and order against a naive float64 loop, mmdet's documented values, valid
 flags and the inside-the-image test."""
+import itertools
 import math
 import random
 
 import pytest
 import torch
 
-from htc_fast.model.anchors import AnchorGenerator, anchor_inside_flags
+from htc_fast.model.anchors import AnchorGenerator, anchor_inside_flags, in_anchor_order
 
 
 def naive_anchors(stride, base_size, ratios, scales, h, w):
@@ -104,3 +105,16 @@ def test_errors_name_the_argument():
         gen.grid_anchors([(2, 2)])
     with pytest.raises(ValueError, match="valid_flags"):
         anchor_inside_flags(torch.zeros(3, 4), torch.ones(2, dtype=torch.bool), (10, 10))
+
+
+@pytest.mark.parametrize("values", [1, 4])
+def test_in_anchor_order_is_the_anchors_y_x_anchor_order(values):
+    # Row (y * W + x) * A + a of image n holds channel a * values + v at (y, x): the order in which
+    # AnchorGenerator lists a level's anchors.
+    n, a, h, w = 2, 3, random.randint(1, 5), random.randint(1, 5)
+    out = torch.randn(n, a * values, h, w)
+    got = in_anchor_order(out, values)
+    assert got.shape == ((n, h * w * a) if values == 1 else (n, h * w * a, values))
+    got = got.reshape(n, h * w * a, values)
+    for i, y, x, k, v in itertools.product(range(n), range(h), range(w), range(a), range(values)):
+        assert got[i, (y * w + x) * a + k, v] == out[i, k * values + v, y, x]
