@@ -87,7 +87,10 @@ class SamplingResult:
                               num_gts=self.num_gts)
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        # One unbind per field (one op each) rather than one select per field and image.
+        names = [f.name for f in fields(self) if f.name != "num_gts"]
+        parts = [getattr(self, name).unbind(0) for name in names]
+        return (SamplingResult(**dict(zip(names, row)), num_gts=self.num_gts) for row in zip(*parts))
 
     # Compact views (mmdet's SamplingResult fields). They read sizes from the device: for tests,
     # the oracle comparison and diagnostics, never on the training path.

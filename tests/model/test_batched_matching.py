@@ -1,6 +1,8 @@
 """Assigning and sampling a batch of images at once (ground truth padded by pad_ground_truth)
 gives each image exactly what assigning and sampling it alone gives: the same assignment, and
 the same slots (boxes, flags, matched ground truth, labels) for the same random keys."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -153,7 +155,12 @@ def test_stacked_assigners_equal_each_assigner(assigners, dtype):
     sampler = FirstKSampler(24, 0.25)
     samples = sampler.sample(got, boxes, per(gt), per(gt_labels), gt_valid=per(gt_valid))
     assert len(samples) == n
+    iterated = list(samples)  # how the cascade splits the stages: iteration equals indexing
+    assert len(iterated) == n and all(r.num_gts == samples.num_gts for r in iterated)
     for a, assigner in enumerate(assigners):
+        for f in dataclasses.fields(iterated[a]):
+            if f.name != "num_gts":
+                assert torch.equal(getattr(iterated[a], f.name), getattr(samples[a], f.name)), (a, f.name)
         want = assigner.assign(boxes, gt, gt_labels, valid=valid, gt_valid=gt_valid)
         assert torch.equal(got.gt_inds[a], want.gt_inds) and torch.equal(got.labels[a], want.labels), a
         alone = sampler.sample(want, boxes, gt, gt_labels, gt_valid=gt_valid)
