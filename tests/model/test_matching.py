@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from htc_fast.model.matching import AssignResult, FirstKSampler, MaxIoUAssigner, RandomSampler, bbox_overlaps
+from tests.ops.naive_assign import assign_image
 
 
 def grid_boxes(n, cells=8, step=4.0, dtype=torch.float64):
@@ -29,40 +30,18 @@ def naive_iou(a, b, mode="iou", eps=1e-6):
 
 def naive_assign(boxes, gts, labels, pos_thr, neg_thr, min_pos, assign_all, low_quality,
                  ignore=None, ignore_thr=-1.0):
-    """mmdet's MaxIoUAssigner, one box and one gt at a time, in its order of steps."""
+    """mmdet's MaxIoUAssigner for one image by loops: tests/ops/naive_assign.py's ``assign_image``,
+    with the boxes an ignore box covers by more than ``ignore_thr`` (IoF) out of the candidates
+    (mmdet's -1 overlaps: ignored, max overlap -1, never the best box of a ground truth)."""
     g, n = len(gts), len(boxes)
     if g == 0 or n == 0:
         return [0 if g == 0 else -1] * n, [0.0] * n, [-1] * n
-    ov = naive_iou(gts, boxes).tolist()
+    valid = [True] * n
     if ignore is not None and ignore_thr > 0 and len(ignore) > 0:
-        iof = naive_iou(boxes, ignore, mode="iof")
-        for j in range(n):
-            if max(iof[j].tolist()) > ignore_thr:
-                for i in range(g):
-                    ov[i][j] = -1.0
-    inds, maxes = [-1] * n, []
-    for j in range(n):
-        col = [ov[i][j] for i in range(g)]
-        best = max(col)
-        maxes.append(best)
-        arg = col.index(best)  # first maximum
-        lo, hi = neg_thr if isinstance(neg_thr, tuple) else (0.0, neg_thr)
-        if lo <= best < hi:
-            inds[j] = 0
-        if best >= pos_thr:
-            inds[j] = arg + 1
-    if low_quality:
-        for i in range(g):
-            gmax = max(ov[i])
-            if gmax >= min_pos:
-                if assign_all:
-                    for j in range(n):
-                        if ov[i][j] == gmax:
-                            inds[j] = i + 1
-                else:
-                    inds[ov[i].index(gmax)] = i + 1
-    out_labels = [int(labels[k - 1]) if k > 0 else -1 for k in inds]
-    return inds, maxes, out_labels
+        valid = (naive_iou(boxes, ignore, mode="iof").max(dim=1).values <= ignore_thr).tolist()
+    lo, hi = neg_thr if isinstance(neg_thr, tuple) else (0.0, neg_thr)
+    return assign_image(boxes.double().tolist(), gts.double().tolist(), labels.tolist(), valid, [True] * g,
+                        (pos_thr, lo, hi, min_pos), low_quality, assign_all)
 
 
 def test_bbox_overlaps_matches_naive_and_handles_degenerate_boxes():

@@ -13,7 +13,6 @@ Oracles and how they compare:
 Inputs (tests/ops/naive_assign.py) are fresh every run: boxes jittered around the ground truth
 plus random ones, with ties, padding, invalid boxes and images without ground truth drawn per case.
 """
-import importlib.util
 import itertools
 import math
 import random
@@ -38,19 +37,14 @@ FIELDS = ("gt_inds", "max_overlaps", "labels")
 @pytest.fixture(params=["cpp", pytest.param("triton", marks=pytest.mark.triton)])
 def fast(request, device):
     """A kernel backend runnable on `device` (the reference is the oracle, not a candidate)."""
-    return _backend_or_skip(request.param, device)
+    require_backend(request.param, device.type)
+    return request.param
 
 
 @pytest.fixture(params=["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
 def any_backend(request, device):
-    return _backend_or_skip(request.param, device)
-
-
-def _backend_or_skip(name, device):
-    require_backend(name, device.type)
-    if name == "triton" and importlib.util.find_spec("htc_fast.kernels.assign") is None:
-        pytest.skip("htc_fast.kernels.assign (the Triton kernel) does not exist yet")
-    return name
+    require_backend(request.param, device.type)
+    return request.param
 
 
 def sizes(backend):
